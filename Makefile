@@ -1,0 +1,29 @@
+# One virtual environment per checkout. A GPU user who already has torch in their own environment can run
+# `make install VENV=/path/to/env` (or `pip install -e ".[cuda]"` there); torch is only installed when missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install train test test-all lint bench repro-lengthgen repro-sespan clean
+
+install:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q -e ".[dev,sweep]"
+
+train:
+	$(PY) -m hybridlm.train $(ARGS)
+
+test:
+	$(PY) -m pytest -q -x --timeout=600 $(ARGS)
+
+test-all:
+	$(PY) -m pytest -q -m "" --timeout=1800 $(ARGS)
+
+lint:
+	$(PY) -m ruff check hybridlm kernels tests benchmarks
+
+clean:
+	rm -rf outputs multirun .pytest_cache

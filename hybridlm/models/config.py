@@ -1,0 +1,126 @@
+"""Architecture configs. Field names follow mamba_ssm's `MambaConfig`/`ssm_cfg`/`attn_cfg` where they exist,
+so a config.json from an official checkpoint maps onto these with few renames."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+LAYER_KINDS = {"M": "Mamba-2 mixer", "A": "attention mixer"}
+ATTENTION_KINDS = ("full", "swa", "se_attn", "s2")
+
+
+@dataclass
+class SSMConfig:
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 32
+    ngroups: int = 1
+    chunk_size: int = 64
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    conv_bias: bool = True
+    bias: bool = False  # in_proj / out_proj bias
+    norm_before_gate: bool = False
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "swa"  # full | swa | se_attn | s2
+    num_heads: int = 4
+    num_heads_kv: Optional[int] = None  # None: same as num_heads (no grouped KV)
+    head_dim: Optional[int] = None  # None: d_model // num_heads
+    window: int = 128  # keys each query sees (itself included) for swa / se_attn
+    rotary_emb_dim: int = 0  # 0: no RoPE (as in NVIDIA's Mamba-2-Hybrid)
+    rotary_emb_base: float = 10000.0
+    qkv_proj_bias: bool = False
+    out_proj_bias: bool = False
+    d_conv: int = 0  # mamba_ssm's optional depthwise causal conv over qkv; 0 = off
+    # SE-Attn (Nunez et al. 2024): retrieved blocks of `block_size` tokens, `top_k` of them, per query chunk
+    block_size: int = 32
+    top_k: int = 4
+    query_chunk: int = 64
+    scorer: str = "mean_dot"
+    max_memory_blocks: Optional[int] = None  # bound on the streamed memory bank (None: unbounded)
+    # S2-Attn (LongLoRA): group size = group_ratio * sequence length, training only
+    group_ratio: float = 0.25
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    layer_pattern: str = "MMAM"  # one letter per layer: M = Mamba-2, A = attention
+    vocab_size: int = 257
+    d_intermediate: int = 0  # gated-MLP hidden size after every mixer; 0 = no MLP
+    pad_vocab_size_multiple: int = 16
+    tie_embeddings: bool = True
+    norm_epsilon: float = 1e-5
+    residual_in_fp32: bool = True
+    initializer_range: float = 0.02
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    attn: AttentionConfig = field(default_factory=AttentionConfig)
+
+    @property
+    def n_layer(self) -> int:
+        return len(self.layer_pattern)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key; called before any module is built."""
+        def need(cond: bool, key: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"model.{key}: {msg}")
+
+        need(self.d_model > 0, "d_model", f"must be positive, got {self.d_model}")
+        need(len(self.layer_pattern) > 0, "layer_pattern", "must name at least one layer")
+        bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
+        need(not bad, "layer_pattern",
+             f"unknown layer kind(s) {bad} in {self.layer_pattern!r}; use "
+             + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items()))
+        need(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
+        need(self.d_intermediate >= 0, "d_intermediate", f"must be >= 0, got {self.d_intermediate}")
+        need(self.pad_vocab_size_multiple > 0, "pad_vocab_size_multiple", "must be positive")
+        s = self.ssm
+        if "M" in self.layer_pattern:
+            for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+                need(getattr(s, k) > 0, f"ssm.{k}", f"must be positive, got {getattr(s, k)}")
+            d_inner = s.expand * self.d_model
+            need(d_inner % s.headdim == 0, "ssm.headdim",
+                 f"expand*d_model = {d_inner} is not divisible by headdim = {s.headdim}")
+            nheads = d_inner // s.headdim
+            need(nheads % s.ngroups == 0, "ssm.ngroups",
+                 f"nheads = {nheads} is not divisible by ngroups = {s.ngroups}")
+            need(0 < s.dt_min <= s.dt_max, "ssm.dt_min", f"need 0 < dt_min <= dt_max, got {s.dt_min}, {s.dt_max}")
+            need(0 < s.A_init_range[0] <= s.A_init_range[1], "ssm.A_init_range",
+                 f"need 0 < low <= high, got {s.A_init_range}")
+        a = self.attn
+        if "A" in self.layer_pattern:
+            need(a.kind in ATTENTION_KINDS, "attn.kind", f"unknown attention kind {a.kind!r}; use one of {ATTENTION_KINDS}")
+            need(a.num_heads > 0, "attn.num_heads", f"must be positive, got {a.num_heads}")
+            kv = a.num_heads_kv or a.num_heads
+            need(kv > 0 and a.num_heads % kv == 0, "attn.num_heads_kv",
+                 f"num_heads = {a.num_heads} must be a multiple of num_heads_kv = {kv}")
+            if a.head_dim is None:
+                need(self.d_model % a.num_heads == 0, "attn.num_heads",
+                     f"d_model = {self.d_model} is not divisible by num_heads = {a.num_heads}; set attn.head_dim")
+            else:
+                need(a.head_dim > 0, "attn.head_dim", f"must be positive, got {a.head_dim}")
+            hd = a.head_dim or self.d_model // a.num_heads
+            need(a.rotary_emb_dim >= 0 and a.rotary_emb_dim % 2 == 0 and a.rotary_emb_dim <= hd,
+                 "attn.rotary_emb_dim", f"must be even and in [0, head_dim={hd}], got {a.rotary_emb_dim}")
+            need(a.d_conv >= 0, "attn.d_conv", f"must be >= 0, got {a.d_conv}")
+            if a.kind in ("swa", "se_attn"):
+                need(a.window > 0, "attn.window", f"must be positive for kind={a.kind}, got {a.window}")
+            if a.kind == "se_attn":
+                for k in ("block_size", "query_chunk"):
+                    need(getattr(a, k) > 0, f"attn.{k}", f"must be positive, got {getattr(a, k)}")
+                need(a.top_k >= 0, "attn.top_k", f"must be >= 0, got {a.top_k}")
+            if a.kind == "s2":
+                need(0 < a.group_ratio <= 1, "attn.group_ratio", f"must be in (0, 1], got {a.group_ratio}")

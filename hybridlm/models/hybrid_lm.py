@@ -1,0 +1,96 @@
+"""HybridLM: embeddings -> pre-norm residual blocks (Mamba-2 or attention mixer, optional gated MLP)
+-> final RMSNorm -> (tied) LM head. Parameter names follow mamba_ssm's MambaLMHeadModel
+(`backbone.layers.{i}.mixer.*`), so official checkpoints map onto it directly."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from hybridlm.models.attention import Attention
+from hybridlm.models.config import ModelConfig
+from hybridlm.models.mamba2 import Mamba2
+from hybridlm.models.mlp import GatedMLP
+from hybridlm.models.norm import RMSNorm
+from hybridlm.models.state import State
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        kind = cfg.layer_pattern[layer_idx]
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
+        self.mixer = Mamba2(cfg.d_model, cfg.ssm, layer_idx) if kind == "M" else Attention(cfg.d_model, cfg.attn, layer_idx)
+        if cfg.d_intermediate > 0:
+            self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
+            self.mlp = GatedMLP(cfg.d_model, cfg.d_intermediate)
+        else:
+            self.mlp = None
+        self.residual_in_fp32 = cfg.residual_in_fp32
+
+    def forward(self, x: Tensor, state: Optional[dict]) -> tuple[Tensor, dict]:
+        h, new_state = self.mixer(self.norm(x), state)
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.norm2(x))
+        return x, new_state
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        std = self.cfg.initializer_range
+        nn.init.normal_(self.backbone.embedding.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        n_residuals = 2 if self.cfg.d_intermediate > 0 else 1
+        for layer in self.backbone.layers:
+            for m in layer.modules():
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            # GPT-2 style: output projections into the residual stream scaled by 1/sqrt(#residual adds).
+            outs = [layer.mixer.out_proj] + ([layer.mlp.fc2] if layer.mlp is not None else [])
+            for lin in outs:
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
+                lin.weight /= math.sqrt(n_residuals * self.cfg.n_layer)
+
+    def forward(self, input_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
+        """input_ids: (b, l) -> logits (b, l, vocab_size), final state (one entry per layer)."""
+        x = self.backbone.embedding(input_ids)
+        if self.cfg.residual_in_fp32:
+            x = x.float()
+        layer_states = state if state is not None else [None] * len(self.backbone.layers)
+        if len(layer_states) != len(self.backbone.layers):
+            raise ValueError(f"state has {len(layer_states)} layer entries, model has {len(self.backbone.layers)} layers")
+        new_state: State = []
+        for layer, s in zip(self.backbone.layers, layer_states):
+            x, s_new = layer(x, s)
+            new_state.append(s_new)
+        x = self.backbone.norm_f(x)
+        logits = self.lm_head(x.to(self.lm_head.weight.dtype))
+        return logits[..., : self.cfg.vocab_size], new_state
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.backbone.embedding.weight.numel() if non_embedding else n

@@ -1,0 +1,24 @@
+"""Depthwise causal conv1d with a streaming state, pure torch reference."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def causal_conv1d_torch(
+    x: Tensor,  # (b, l, d)
+    weight: Tensor,  # (d, 1, k) as stored by nn.Conv1d(groups=d)
+    bias: Optional[Tensor],
+    conv_state: Optional[Tensor] = None,  # (b, k-1, d): the last k-1 inputs before x
+) -> tuple[Tensor, Tensor]:
+    """Returns y (b, l, d) (no activation) and the new state (b, k-1, d)."""
+    b, l, d = x.shape
+    k = weight.shape[-1]
+    if conv_state is None:
+        conv_state = x.new_zeros(b, k - 1, d)
+    xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k-1+l, d)
+    y = F.conv1d(xs.transpose(1, 2), weight, bias, groups=d).transpose(1, 2)
+    return y, xs[:, xs.shape[1] - (k - 1):]

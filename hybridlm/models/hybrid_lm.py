@@ -32,10 +32,11 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
 
     def forward(self, x: Tensor, state: Optional[dict]) -> tuple[Tensor, dict]:
-        h, new_state = self.mixer(self.norm(x), state)
+        # The residual stream may be fp32 while the weights are bf16: mixers see the weights' dtype.
+        h, new_state = self.mixer(self.norm(x).to(self.norm.weight.dtype), state)
         x = x + h
         if self.mlp is not None:
-            x = x + self.mlp(self.norm2(x))
+            x = x + self.mlp(self.norm2(x).to(self.norm2.weight.dtype))
         return x, new_state
 
 
@@ -78,7 +79,7 @@ class HybridLM(nn.Module):
     def forward(self, input_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
         """input_ids: (b, l) -> logits (b, l, vocab_size), final state (one entry per layer)."""
         x = self.backbone.embedding(input_ids)
-        if self.cfg.residual_in_fp32:
+        if self.cfg.residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()
         layer_states = state if state is not None else [None] * len(self.backbone.layers)
         if len(layer_states) != len(self.backbone.layers):

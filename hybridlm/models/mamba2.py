@@ -69,7 +69,7 @@ class Mamba2(nn.Module):
         lo, hi = self.cfg.dt_limit
         if lo > 0.0 or hi != float("inf"):
             dt = dt.clamp(min=lo, max=hi)
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
         y, ssm_state = ops.ssd_scan(
             x.view(b, l, self.nheads, self.headdim), dt, A,
             B.view(b, l, self.ngroups, self.d_state), C.view(b, l, self.ngroups, self.d_state),

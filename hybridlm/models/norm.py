@@ -14,9 +14,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        cdt = torch.promote_types(x.dtype, torch.float32)  # at least fp32 inside the norm
+        xf = x.to(cdt)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return (xf * self.weight.to(cdt)).to(x.dtype)
 
 
 class RMSNormGated(nn.Module):
@@ -30,12 +31,13 @@ class RMSNormGated(nn.Module):
 
     def forward(self, x: Tensor, z: Optional[Tensor] = None) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        cdt = torch.promote_types(dtype, torch.float32)
+        x = x.to(cdt)
         if z is not None and not self.norm_before_gate:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(cdt))
         xg = x.unflatten(-1, (-1, self.group_size))
         x = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        x = x * self.weight.float()
+        x = x * self.weight.to(cdt)
         if z is not None and self.norm_before_gate:
-            x = x * F.silu(z.float())
+            x = x * F.silu(z.to(cdt))
         return x.to(dtype)

@@ -36,7 +36,7 @@ def ssd_scan_torch(
     """Returns y (b, l, h, p) and the final state (b, h, p, n).
 
     Recurrence: h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t^T,  y_t = C_t h_t + D x_t.
-    Computed in fp32. Any length works: the tail is padded with dt = 0, which neither decays
+    Computed in at least fp32. Any length works: the tail is padded with dt = 0, which neither decays
     nor writes the state, so the final state is exact.
     """
     in_dtype = x.dtype
@@ -44,7 +44,8 @@ def ssd_scan_torch(
     g, n = B.shape[2], B.shape[3]
     q = min(chunk_size, l)
     pad = (-l) % q
-    x, dt, B, C = (t.float() for t in (x, dt, B, C))
+    cdt = torch.promote_types(in_dtype, torch.float32)
+    x, dt, B, C = (t.to(cdt) for t in (x, dt, B, C))
     if pad:
         x = F.pad(x, (0, 0, 0, 0, 0, pad))
         dt = F.pad(dt, (0, 0, 0, pad))
@@ -55,7 +56,7 @@ def ssd_scan_torch(
     B = B.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
     C = C.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
     X = (x * dt[..., None]).reshape(b, c, q, h, p)
-    a = (dt * A.float()).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    a = (dt * A.to(cdt)).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
     a_cum = torch.cumsum(a, dim=-1)
 
     # 1. within-chunk outputs (the quadratic, attention-like part)
@@ -68,7 +69,7 @@ def ssd_scan_torch(
 
     # 3. carry states across chunks (a short loop over chunks, not tokens)
     chunk_decay = torch.exp(a_cum[..., -1])  # (b, h, c)
-    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.float()
+    state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(cdt)
     states_in = []
     for i in range(c):
         states_in.append(state)
@@ -79,5 +80,5 @@ def ssd_scan_torch(
     y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states_in, torch.exp(a_cum))
     y = y.reshape(b, c * q, h, p)[:, :l]
     if D is not None:
-        y = y + x[:, :l] * D.float()[:, None]
+        y = y + x[:, :l] * D.to(cdt)[:, None]
     return y.to(in_dtype), state

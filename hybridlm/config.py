@@ -1,0 +1,122 @@
+"""Top-level structured config. Registered in Hydra's ConfigStore as the schema of conf/train.yaml, so every
+key is typed: a typo fails at composition ("Key 'd_modle' not in 'ModelConfig'") and `validate()` checks
+values before anything is built. Each subsystem owns its own dataclass (models/, data/, interventions/, ...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from hybridlm.adapters.config import AdapterConfig
+from hybridlm.data.config import DataConfig
+from hybridlm.eval.config import EvalConfig
+from hybridlm.interventions.config import InterventionConfig
+from hybridlm.models.config import ModelConfig
+from hybridlm.ops.config import BackendConfig
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.1  # never applied to 1-D params: A_log, D, dt_bias, norms, biases
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at trainer.max_steps
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 400
+    val_check_interval: int = 100  # optimizer-independent: every N training batches
+    limit_val_batches: int = 8
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    fast_dev_run: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    wandb: bool = True
+    wandb_mode: str = "auto"  # auto: online if an API key is configured, else offline | online | offline
+    project: str = "hybridlm"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 0  # 0: only at validation / end of training
+    every_n_minutes: float = 0.0  # 0: off
+    keep_last: int = 2
+    save_best: bool = True
+    monitor: str = "val/loss"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    intervention: InterventionConfig = field(default_factory=InterventionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    experiment_name: str = "default"
+    seed: int = 0
+    init_from: Optional[str] = None  # a hybridlm checkpoint or an official mamba_ssm / HF Mamba-2 directory
+    ckpt_path: Optional[str] = None  # evaluation: the checkpoint to evaluate
+    resume: Optional[str] = None  # "auto" (newest last.ckpt of this experiment) or a checkpoint path
+    compile: bool = False
+
+    def validate(self) -> None:
+        """Value checks that types cannot express; each message starts with the offending key."""
+        self.model.validate()
+        for sub in (self.data, self.intervention, self.adapter, self.backend, self.eval):
+            if hasattr(sub, "validate"):
+                sub.validate()
+        t, o = self.trainer, self.optim
+        checks = [
+            (t.max_steps > 0 or t.fast_dev_run, "trainer.max_steps", f"must be positive, got {t.max_steps}"),
+            (t.val_check_interval > 0, "trainer.val_check_interval", f"must be positive, got {t.val_check_interval}"),
+            (t.accumulate_grad_batches > 0, "trainer.accumulate_grad_batches", "must be positive"),
+            (t.gradient_clip_val >= 0, "trainer.gradient_clip_val", "must be >= 0"),
+            (t.precision in ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true"),
+             "trainer.precision", f"unknown precision {t.precision!r}"),
+            (o.lr > 0, "optim.lr", f"must be positive, got {o.lr}"),
+            (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+            (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
+            (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
+            (self.logger.wandb_mode in ("auto", "online", "offline"), "logger.wandb_mode",
+             f"must be auto, online or offline, got {self.logger.wandb_mode!r}"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ValueError(f"{key}: {msg}")
+
+
+def to_config(cfg: Any) -> Config:
+    """An OmegaConf node or plain dict (e.g. from a checkpoint's hyper_parameters) -> typed, validated Config."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    typed: Config = OmegaConf.to_object(merged)
+    typed.validate()
+    return typed
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=Config)

@@ -1,0 +1,120 @@
+"""Shared mechanics of the initial-state callbacks.
+
+A callback sets `pl_module.initial_state` in `on_train_batch_start` (the module's training_step consumes it) and
+reads the step's final state from `outputs["final_state"]` in `on_train_batch_end`. Lightning calls both hooks
+once per micro-batch, so under gradient accumulation every micro-batch hands its state to the next one. Callbacks
+are per process: under DDP every rank keeps its own buffers and RNG (seeded with seed + global rank) and nothing is
+reduced across ranks.
+
+Dtypes: SSM states are float32 (or float64 for a float64 module), the precision the scan computes and returns
+them in; conv states take the module's dtype, like the activations they are made of. Devices: the module's.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+from hybridlm.interventions.config import InterventionConfig
+from hybridlm.models.mamba2 import Mamba2
+from hybridlm.models.state import State, map_state
+
+
+def mamba_layers(model) -> list[tuple[int, Mamba2]]:
+    return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, Mamba2)]
+
+
+def module_device(pl_module) -> torch.device:
+    return next(pl_module.model.parameters()).device
+
+
+def module_dtype(pl_module) -> torch.dtype:
+    return next(pl_module.model.parameters()).dtype
+
+
+def ssm_dtype(pl_module) -> torch.dtype:
+    return torch.promote_types(module_dtype(pl_module), torch.float32)
+
+
+def state_to_cpu(state: Optional[State]) -> Optional[State]:
+    return map_state(state, lambda t: t.detach().cpu())
+
+
+def data_config(trainer, pl_module) -> Any:
+    """The data config of this run: the module's top config first, then the datamodule's own config."""
+    cfg = getattr(pl_module, "cfg", None)
+    if cfg is not None and getattr(cfg, "data", None) is not None:
+        return cfg.data
+    dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+    return getattr(dm, "cfg", None)
+
+
+class InitialStateCallback(Callback):
+    """Base class: subclasses implement `make_initial_state` and `observe`."""
+
+    def __init__(self, cfg: InterventionConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.rank = 0
+        self._gen: Optional[torch.Generator] = None
+        self._pending_rng: Optional[dict] = None  # RNG state loaded from a checkpoint, applied on first use
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.rank = trainer.global_rank
+        model_cfg = getattr(getattr(pl_module, "cfg", None), "model", None) or pl_module.model.cfg
+        self.cfg.validate(data=data_config(trainer, pl_module), model=model_cfg)
+
+    def on_train_batch_start(self, trainer, pl_module, batch: dict, batch_idx: int) -> None:
+        batch_size = batch["input_ids"].shape[0]
+        pl_module.initial_state = self.make_initial_state(pl_module, batch_size, batch_idx)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch: dict, batch_idx: int) -> None:
+        self.observe(pl_module, outputs["final_state"])
+
+    # ---- to implement ----------------------------------------------------------------------------------------
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+        raise NotImplementedError
+
+    def observe(self, pl_module, final_state: State) -> None:
+        raise NotImplementedError
+
+    # ---- the callback's own RNG, checkpointed so a resumed run draws the same noise / resets ------------------
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._gen is None or self._gen.device != device:
+            self._gen = torch.Generator(device=device)
+            self._gen.manual_seed(self.cfg.seed + self.rank)
+            pending, self._pending_rng = self._pending_rng, None
+            if pending is not None:
+                if pending["device_type"] == device.type and pending["rank"] == self.rank:
+                    self._gen.set_state(pending["state"])
+                else:
+                    warnings.warn(f"intervention RNG state saved on {pending['device_type']} rank {pending['rank']}"
+                                   f" cannot be restored on {device.type} rank {self.rank}; reseeding")
+        return self._gen
+
+    def rng_state_dict(self) -> Optional[dict]:
+        if self._gen is None:
+            return self._pending_rng
+        return {"state": self._gen.get_state(), "device_type": self._gen.device.type, "rank": self.rank}
+
+    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        return torch.randn(shape, generator=self.generator(device), device=device, dtype=dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng_state_dict(), "rank": self.rank}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._gen, self._pending_rng = None, state_dict.get("rng")
+
+
+def zero_like_layer(mixer, batch_size: int, include_conv: bool, device, ssm_dt, conv_dt) -> dict:
+    """The zero initial state of one Mamba-2 layer, as explicit tensors."""
+    out = {"ssm": torch.zeros(batch_size, mixer.nheads, mixer.headdim, mixer.d_state, device=device, dtype=ssm_dt)}
+    if include_conv:
+        out["conv"] = torch.zeros(batch_size, mixer.cfg.d_conv - 1, mixer.conv_dim, device=device, dtype=conv_dt)
+    return out
+

@@ -1,0 +1,84 @@
+"""`state_passing`: row i of this batch starts from the detached final state of row i of the previous batch
+(an unrelated sequence), with an optional per-row reset probability (reset rows start from zeros).
+
+What is passed: the SSM state of every Mamba-2 layer; with include_conv its conv state; with include_attention
+the whole state of every attention layer (its key/value window, position counter and qkv conv state).
+Batch-size changes: a smaller batch takes the first rows; in a larger batch the extra rows start from zeros and,
+because an attention cache is one dense tensor with no per-row mask, attention layers start empty for that batch.
+Under DDP a Lightning checkpoint holds rank 0's callback state only: on resume rank 0 continues exactly, and any
+other rank (whose buffer was not saved) starts from zeros, with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from hybridlm.interventions.base import InitialStateCallback, module_device, state_to_cpu
+from hybridlm.models.attention import Attention
+from hybridlm.models.mamba2 import Mamba2
+from hybridlm.models.state import State, detach_state, map_state, select_rows
+
+
+def batch_size_of(state: State) -> int:
+    for s in state:
+        for v in (s or {}).values():
+            if isinstance(v, Tensor):
+                return v.shape[0]
+    raise ValueError("state holds no tensors")
+
+
+class StatePassingCallback(InitialStateCallback):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.prev: Optional[State] = None  # the kept part of the previous micro-batch's final state, detached
+
+    def kept(self, pl_module, final_state: State) -> State:
+        out: State = []
+        for layer, s in zip(pl_module.model.backbone.layers, final_state):
+            if isinstance(layer.mixer, Mamba2):
+                out.append({"ssm": s["ssm"], **({"conv": s["conv"]} if self.cfg.include_conv else {})})
+            elif isinstance(layer.mixer, Attention) and self.cfg.include_attention:
+                out.append(dict(s))
+            else:
+                out.append(None)
+        return detach_state(out)
+
+    def observe(self, pl_module, final_state: State) -> None:
+        self.prev = self.kept(pl_module, final_state)
+
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+        if self.prev is None:
+            return None
+        device = module_device(pl_module)
+        prev = map_state(self.prev, lambda t: t.to(device))  # a no-op unless just loaded from a checkpoint
+        prev_b = batch_size_of(prev)
+        if batch_size <= prev_b:
+            state = select_rows(prev, slice(0, batch_size))
+        else:
+            state = [self._grow(s, layer.mixer, batch_size - prev_b)
+                     for layer, s in zip(pl_module.model.backbone.layers, prev)]
+        if self.cfg.reset_prob > 0:
+            reset = torch.rand(batch_size, generator=self.generator(device), device=device) < self.cfg.reset_prob
+            state = map_state(state, lambda t: torch.where(reset.view(-1, *[1] * (t.ndim - 1)), torch.zeros_like(t), t))
+        return state
+
+    @staticmethod
+    def _grow(s: Optional[dict], mixer, extra: int) -> Optional[dict]:
+        """Append `extra` zero rows to a Mamba-2 layer state; attention layers start empty (None)."""
+        if s is None or not isinstance(mixer, Mamba2):
+            return None
+        return {k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) for k, v in s.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "prev": state_to_cpu(self.prev)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.prev = state_dict["prev"]
+        if self.prev is not None and state_dict["rank"] != self.rank:
+            warnings.warn(f"{type(self).__name__}: the checkpoint holds rank {state_dict['rank']}'s passed states; "
+                          f"rank {self.rank} starts from zero states")
+            self.prev = None

@@ -89,6 +89,7 @@ class Config:
         for sub in (self.data, self.intervention, self.adapter, self.backend, self.eval):
             if hasattr(sub, "validate"):
                 sub.validate()
+        self.intervention.validate(data=self.data, model=self.model)  # tbtt needs contiguous data; attention kind
         t, o = self.trainer, self.optim
         checks = [
             (t.max_steps > 0 or t.fast_dev_run, "trainer.max_steps", f"must be positive, got {t.max_steps}"),

@@ -16,16 +16,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hybridlm.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
 from hybridlm.config import Config, to_config
+from hybridlm.eval import LengthEvalCallback
+from hybridlm.interventions import build_intervention
 from hybridlm.lit import HybridLMModule
 from hybridlm.logging import build_loggers, wandb_run_dir
 from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger("hybridlm")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 class ConfigError(ValueError):
@@ -45,8 +48,57 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def build_model(cfg: Config) -> HybridLM:
-    return HybridLM(cfg.model)
+def explicit_model_keys(task_overrides: list[str], conf_dir: Path = CONF_DIR) -> set[str]:
+    """Model keys the user set on the command line ("model.ssm.d_state=32", or every key of a chosen file in a
+    model group such as "model/attention=se_attn"): with init_from these must agree with the checkpoint."""
+    keys: set[str] = set()
+    for ov in task_overrides:
+        key, _, value = ov.lstrip("+~").partition("=")
+        if key.startswith("model."):
+            keys.add(key.removeprefix("model."))
+        elif key == "model" or key.startswith("model/"):
+            node = OmegaConf.load(conf_dir / key / f"{value}.yaml")
+            prefix = {"model": "", "model/attention": "attn."}.get(key, key.removeprefix("model/") + ".")
+            flat = OmegaConf.to_container(node)
+            flat.pop("defaults", None)
+            keys |= {prefix + k for k in _dotted(flat)}
+    return keys
+
+
+def _dotted(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
+
+
+def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
+    """The model to train: from scratch, or from `init_from` (architecture read from the checkpoint, compatible
+    overrides on top), with the adapter recipe applied. Updates cfg.model to what was built."""
+    from hybridlm.adapters import (
+        apply_adapter,
+        format_parameter_table,
+        recipe_attention_kind,
+        trainable_parameter_table,
+    )
+    from hybridlm.models.checkpoints import load_pretrained, load_state_dict_checked, merge_model_config
+
+    sd = None
+    if cfg.init_from:
+        ckpt_cfg, sd = load_pretrained(cfg.init_from)
+        cfg.model = merge_model_config(ckpt_cfg, cfg.model, explicit_keys)
+    recipe_kind = recipe_attention_kind(cfg.adapter)
+    if recipe_kind is not None and "A" in cfg.model.layer_pattern:
+        cfg.model.attn.kind = recipe_kind  # e.g. longlora trains with S2-Attn; evaluation uses full attention
+    model = HybridLM(cfg.model)
+    if sd is not None:
+        load_state_dict_checked(model, sd, source=cfg.init_from)
+        log.info("initialised from %s", cfg.init_from)
+    if cfg.adapter.name != "none":
+        apply_adapter(model, cfg.adapter)
+        log.info("adapter %s: trainable parameters\n%s", cfg.adapter.name,
+                 format_parameter_table(trainable_parameter_table(model)))
+    return model
 
 
 def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
@@ -60,11 +112,19 @@ def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
     if c.save_best:
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor=c.monitor, mode="min",
                                          save_top_k=1, auto_insert_metric_name=False))
+    intervention = build_intervention(cfg.intervention)
+    if intervention is not None:
+        callbacks.append(intervention)
+    if cfg.eval.diagnostics and (cfg.eval.every_n_val > 0 or cfg.eval.at_fit_end):
+        callbacks.append(LengthEvalCallback(cfg.eval))
     return callbacks
 
 
-def train(cfg: DictConfig, out_dir: Path) -> dict:
+def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = None) -> dict:
     typed = typed_config(cfg)
+    if explicit_keys is None:
+        in_hydra = HydraConfig.initialized()
+        explicit_keys = explicit_model_keys(list(HydraConfig.get().overrides.task)) if in_hydra else set()
     resume_ckpt: Optional[Path] = None
     if typed.resume == "auto":
         resume_ckpt = find_resume_checkpoint(out_dir.parent)
@@ -83,7 +143,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     from hybridlm.data import HybridDataModule
 
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
-    module = HybridLMModule(typed, model=build_model(typed))
+    model = build_model(typed, explicit_keys)
+    module = HybridLMModule(typed, model=model)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}")
     ckpt_dir = out_dir / "checkpoints"
     t = typed.trainer

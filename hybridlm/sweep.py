@@ -16,7 +16,8 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = []
-        for result in sorted(sweep_dir.glob("*/result.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0):
+        results = sorted(sweep_dir.glob("*/result.json"), key=lambda p: (len(p.parent.name), p.parent.name))
+        for result in results:
             r = json.loads(result.read_text())
             metric = r["metrics"].get("val/loss")
             rows.append({"job": result.parent.name, "overrides": " ".join(r["overrides"]), "status": r["status"],

@@ -1,11 +1,33 @@
+"""Adapter (fine-tuning recipe) configuration, Hydra group `adapter`. Recipes (DESIGN §5):
+
+  none       leave the model as built (every parameter keeps its requires_grad; pre-training)
+  full       every parameter trainable
+  lora       LoRA(r, alpha, dropout) on the attention in_proj (fused q/k/v) and out_proj; nothing else trains
+  lora_plus  lora + input embedding and every norm weight trainable (LongLoRA's recipe)
+  hylora     lora_plus + LoRA on the Mamba-2 in_proj / out_proj + Mamba-2 conv1d (weight, bias) trainable
+  longlora   lora_plus, trained with S2-Attn (the attention kind is switched to "s2" for training)
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+RECIPES = ("none", "full", "lora", "lora_plus", "hylora", "longlora")
 
 
 @dataclass
 class AdapterConfig:
     name: str = "none"  # none | full | lora | lora_plus | hylora | longlora
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scaling is alpha / r
+    dropout: float = 0.0  # dropout on the LoRA branch input
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key."""
+        if self.name not in RECIPES:
+            raise ValueError(f"adapter.name: unknown recipe {self.name!r}; use one of {RECIPES}")
+        if self.r <= 0:
+            raise ValueError(f"adapter.r: must be positive, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"adapter.alpha: must be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")

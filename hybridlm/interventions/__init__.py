@@ -9,8 +9,6 @@ Generalization in Recurrent Models"), as Lightning callbacks built from an Inter
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from lightning.pytorch.callbacks import Callback
 
 from hybridlm.interventions.base import InitialStateCallback
@@ -27,7 +25,7 @@ CALLBACKS = {
 }
 
 
-def build_intervention(cfg: InterventionConfig) -> Optional[Callback]:
+def build_intervention(cfg: InterventionConfig) -> Callback | None:
     """The callback implementing cfg.name, or None for "none". Raises ValueError on an invalid config."""
     cfg.validate()
     return None if cfg.name == "none" else CALLBACKS[cfg.name](cfg)

@@ -6,13 +6,14 @@ once per micro-batch, so under gradient accumulation every micro-batch hands its
 are per process: under DDP every rank keeps its own buffers and RNG (seeded with seed + global rank) and nothing is
 reduced across ranks.
 
-Dtypes: SSM states are float32 (or float64 for a float64 module), the precision the scan computes and returns
-them in; conv states take the module's dtype, like the activations they are made of. Devices: the module's.
+Devices: the module's. Dtypes of drawn states (noise, zeros): SSM float32 (float64 for a float64 module), the
+precision the scan computes and returns states in; conv the module's dtype, like the activations it is made of.
+Passed states keep the dtype the model produced them in.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -39,7 +40,7 @@ def ssm_dtype(pl_module) -> torch.dtype:
     return torch.promote_types(module_dtype(pl_module), torch.float32)
 
 
-def state_to_cpu(state: Optional[State]) -> Optional[State]:
+def state_to_cpu(state: State | None) -> State | None:
     return map_state(state, lambda t: t.detach().cpu())
 
 
@@ -59,8 +60,8 @@ class InitialStateCallback(Callback):
         cfg.validate()
         self.cfg = cfg
         self.rank = 0
-        self._gen: Optional[torch.Generator] = None
-        self._pending_rng: Optional[dict] = None  # RNG state loaded from a checkpoint, applied on first use
+        self._gen: torch.Generator | None = None
+        self._pending_rng: dict | None = None  # RNG state loaded from a checkpoint, applied on first use
 
     # ---- Lightning hooks -------------------------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -76,7 +77,7 @@ class InitialStateCallback(Callback):
         self.observe(pl_module, outputs["final_state"])
 
     # ---- to implement ----------------------------------------------------------------------------------------
-    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
         raise NotImplementedError
 
     def observe(self, pl_module, final_state: State) -> None:
@@ -93,10 +94,10 @@ class InitialStateCallback(Callback):
                     self._gen.set_state(pending["state"])
                 else:
                     warnings.warn(f"intervention RNG state saved on {pending['device_type']} rank {pending['rank']}"
-                                   f" cannot be restored on {device.type} rank {self.rank}; reseeding")
+                                   f" cannot be restored on {device.type} rank {self.rank}; reseeding", stacklevel=2)
         return self._gen
 
-    def rng_state_dict(self) -> Optional[dict]:
+    def rng_state_dict(self) -> dict | None:
         if self._gen is None:
             return self._pending_rng
         return {"state": self._gen.get_state(), "device_type": self._gen.device.type, "rank": self.rank}

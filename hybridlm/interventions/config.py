@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 INTERVENTIONS = ("none", "random_noise", "fitted_noise", "state_passing", "tbtt")
 NOISE = ("random_noise", "fitted_noise")
@@ -18,7 +18,7 @@ class InterventionConfig:
     include_conv: bool = False  # also set the Mamba-2 conv state (noise: sampled; passing: passed)
     include_attention: bool = False  # state_passing / tbtt only: also pass attention key/value windows
     seed: int = 0  # the callbacks' own RNG (noise, resets) is seeded with seed + global rank
-    export_path: Optional[str] = None  # fitted_noise: write the statistics here (.pt or .json) at fit end
+    export_path: str | None = None  # fitted_noise: write the statistics here (.pt or .json) at fit end
 
     def validate(self, data: Any = None, model: Any = None) -> None:
         """Raise ValueError naming the offending key. `data` (DataConfig) and `model` (ModelConfig), when

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,8 +29,8 @@ class RunningMoments:
 
     def __init__(self) -> None:
         self.count = 0  # entries pooled per group (the same for every group)
-        self.mean: Optional[Tensor] = None  # (groups,) float64
-        self.m2: Optional[Tensor] = None  # (groups,) float64: sum of squared deviations from the mean
+        self.mean: Tensor | None = None  # (groups,) float64
+        self.m2: Tensor | None = None  # (groups,) float64: sum of squared deviations from the mean
 
     def update(self, x: Tensor, group_dim: int) -> None:
         xs = x.detach().to(torch.float64).movedim(group_dim, -1).reshape(-1, x.shape[group_dim])  # (m, groups)
@@ -56,7 +56,7 @@ class RunningMoments:
                 "m2": None if self.m2 is None else self.m2.cpu()}
 
     @classmethod
-    def from_state_dict(cls, d: dict) -> "RunningMoments":
+    def from_state_dict(cls, d: dict) -> RunningMoments:
         r = cls()
         r.count, r.mean, r.m2 = d["count"], d["mean"], d["m2"]
         return r
@@ -71,13 +71,14 @@ def _broadcast(v: Tensor, ndim: int, group_dim: int) -> Tensor:
 class RandomNoiseCallback(InitialStateCallback):
     """Every Mamba-2 layer starts each batch from iid N(0, sigma^2) (one sigma for all layers and heads)."""
 
-    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
         device, sdt, cdt = module_device(pl_module), ssm_dtype(pl_module), module_dtype(pl_module)
         state: State = [None] * len(pl_module.model.backbone.layers)
+        sigma = self.cfg.sigma
         for i, mx in mamba_layers(pl_module.model):
-            state[i] = {"ssm": self.cfg.sigma * self.randn((batch_size, mx.nheads, mx.headdim, mx.d_state), device, sdt)}
+            state[i] = {"ssm": sigma * self.randn((batch_size, mx.nheads, mx.headdim, mx.d_state), device, sdt)}
             if self.cfg.include_conv:
-                state[i]["conv"] = self.cfg.sigma * self.randn((batch_size, mx.cfg.d_conv - 1, mx.conv_dim), device, cdt)
+                state[i]["conv"] = sigma * self.randn((batch_size, mx.cfg.d_conv - 1, mx.conv_dim), device, cdt)
         return state
 
     def observe(self, pl_module, final_state: State) -> None:
@@ -103,7 +104,7 @@ class FittedNoiseCallback(InitialStateCallback):
             return z, z
         return r.mean.to(device), r.std().to(device)
 
-    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
         device, sdt, cdt = module_device(pl_module), ssm_dtype(pl_module), module_dtype(pl_module)
         state: State = [None] * len(pl_module.model.backbone.layers)
         for i, mx in mamba_layers(pl_module.model):
@@ -145,7 +146,8 @@ class FittedNoiseCallback(InitialStateCallback):
                            "conv": "per (layer, channel) over batch, d_conv-1 positions"},
                 "std": "unbiased (divisor count-1)"}
         if path.suffix == ".json":
-            js = {k: {"count": v["count"], "mean": v["mean"].tolist(), "std": v["std"].tolist()} for k, v in table.items()}
+            js = {k: {"count": v["count"], "mean": v["mean"].tolist(), "std": v["std"].tolist()}
+                  for k, v in table.items()}
             path.write_text(json.dumps({"stats": js, **meta}, indent=1))
         elif path.suffix == ".pt":
             torch.save({"stats": table, **meta}, path)

@@ -11,7 +11,7 @@ other rank (whose buffer was not saved) starts from zeros, with a warning.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ def batch_size_of(state: State) -> int:
 class StatePassingCallback(InitialStateCallback):
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.prev: Optional[State] = None  # the kept part of the previous micro-batch's final state, detached
+        self.prev: State | None = None  # the kept part of the previous micro-batch's final state, detached
 
     def kept(self, pl_module, final_state: State) -> State:
         out: State = []
@@ -49,7 +49,7 @@ class StatePassingCallback(InitialStateCallback):
     def observe(self, pl_module, final_state: State) -> None:
         self.prev = self.kept(pl_module, final_state)
 
-    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> Optional[State]:
+    def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
         if self.prev is None:
             return None
         device = module_device(pl_module)
@@ -66,7 +66,7 @@ class StatePassingCallback(InitialStateCallback):
         return state
 
     @staticmethod
-    def _grow(s: Optional[dict], mixer, extra: int) -> Optional[dict]:
+    def _grow(s: dict | None, mixer, extra: int) -> dict | None:
         """Append `extra` zero rows to a Mamba-2 layer state; attention layers start empty (None)."""
         if s is None or not isinstance(mixer, Mamba2):
             return None
@@ -80,5 +80,5 @@ class StatePassingCallback(InitialStateCallback):
         self.prev = state_dict["prev"]
         if self.prev is not None and state_dict["rank"] != self.rank:
             warnings.warn(f"{type(self).__name__}: the checkpoint holds rank {state_dict['rank']}'s passed states; "
-                          f"rank {self.rank} starts from zero states")
+                          f"rank {self.rank} starts from zero states", stacklevel=2)
             self.prev = None

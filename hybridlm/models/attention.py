@@ -1,7 +1,8 @@
 """Attention mixer with mamba_ssm's `MHA` parameter names (fused qkv `in_proj`, `out_proj`, optional
 depthwise `conv1d` over qkv, optional rotary on the first `rotary_emb_dim` dims of each head).
 
-Kinds: `full` (causal), `swa` (causal sliding window of `window` keys, itself included).
+Kinds: `full` (causal), `swa` (causal sliding window of `window` keys, itself included), `s2` (S2Attention
+below: LongLoRA's shifted sparse attention in training, full in eval); `se_attn` lives in se_attention.py.
 Streaming state: {"k", "v": (b, hkv, cached, head_dim) after rotary, "pos": tokens seen, "conv": ...};
 full attention caches everything, swa the last window-1 keys.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybridlm import ops
@@ -83,3 +85,60 @@ class Attention(nn.Module):
         o = ops.window_attention(q, k, v, window=w)
         keep = k.shape[2] if w is None else min(k.shape[2], w - 1)
         return o, {"k": k[:, :, k.shape[2] - keep:], "v": v[:, :, v.shape[2] - keep:]}
+
+
+def _grouped_causal(q: Tensor, k: Tensor, v: Tensor, group: int, shift: int) -> Tensor:
+    """Causal attention inside groups of `group` tokens: [0, shift), then [shift + m*group, shift + (m+1)*group).
+    q, k, v: (b, h, L, d) -> (b, h, L, d). Pads the sequence so groups are rows of a (n, group) grid."""
+    b, h, L, d = q.shape
+    front = (group - shift) % group
+    n = -(-(front + L) // group)
+    back = n * group - front - L
+    grid = lambda x: F.pad(x, (0, 0, front, back)).view(b, h, n, group, x.shape[-1])
+    if front == 0 and back == 0:
+        o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), is_causal=True)
+    else:
+        real = torch.zeros(n * group, dtype=torch.bool, device=q.device)
+        real[front: front + L] = True
+        real = real.view(n, group)
+        causal = torch.ones(group, group, dtype=torch.bool, device=q.device).tril()
+        # Real queries see real keys only; padding rows see themselves so no softmax row is empty.
+        mask = causal & (real[:, None, :] | ~real[:, :, None])  # (n, group, group)
+        o = F.scaled_dot_product_attention(grid(q), grid(k), grid(v), attn_mask=mask)
+    return o.reshape(b, h, n * group, -1)[:, :, front: front + L]
+
+
+def shifted_sparse_attention(q: Tensor, k: Tensor, v: Tensor, group_size: int) -> Tensor:
+    """LongLoRA's S2-Attn. q, k, v: (b, h, L, d) (kv heads already repeated to h) -> (b, h, L, d).
+
+    Heads [0, h//2) attend causally inside groups [m*G, (m+1)*G); heads [h//2, h) inside groups shifted by G//2.
+    LongLoRA's code rolls the second half of the heads by -G/2, runs causal attention per group and rolls back;
+    its last rolled group then holds the final G/2 tokens followed by the first G/2, and the causal mask in rolled
+    order lets those first tokens attend to the final ones, i.e. to the future. We keep the first G/2 tokens in a
+    group of their own instead, so the shifted groups are [0, G/2), [G/2, G/2 + G), ... and nothing leaks."""
+    h2 = q.shape[1] // 2
+    g = group_size
+    o_plain = _grouped_causal(q[:, :h2], k[:, :h2], v[:, :h2], g, 0)
+    o_shift = _grouped_causal(q[:, h2:], k[:, h2:], v[:, h2:], g, g // 2)
+    return torch.cat([o_plain, o_shift], dim=1)
+
+
+class S2Attention(Attention):
+    """`attn.kind = "s2"`: S2-Attn while training (groups of G = max(1, round(group_ratio * L)) tokens), plain
+    full causal attention in eval mode (and so for streaming / generation)."""
+
+    @property
+    def window(self) -> Optional[int]:
+        return None
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, state: dict) -> tuple[Tensor, dict]:
+        if not self.training:
+            return super().attend(q, k, v, state)
+        L = q.shape[2]
+        if k.shape[2] != L:
+            raise ValueError(f"S2-Attn trains on whole sequences but got {k.shape[2] - L} cached keys: do not pass "
+                             "attention state while training an s2 layer (eval mode streams with full attention)")
+        rep = self.num_heads // self.num_heads_kv
+        group = max(1, round(self.cfg.group_ratio * L))
+        o = shifted_sparse_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), group)
+        return o, {"k": k, "v": v}

@@ -102,7 +102,8 @@ class ModelConfig:
                  f"need 0 < low <= high, got {s.A_init_range}")
         a = self.attn
         if "A" in self.layer_pattern:
-            need(a.kind in ATTENTION_KINDS, "attn.kind", f"unknown attention kind {a.kind!r}; use one of {ATTENTION_KINDS}")
+            need(a.kind in ATTENTION_KINDS, "attn.kind",
+                 f"unknown attention kind {a.kind!r}; use one of {ATTENTION_KINDS}")
             need(a.num_heads > 0, "attn.num_heads", f"must be positive, got {a.num_heads}")
             kv = a.num_heads_kv or a.num_heads
             need(kv > 0 and a.num_heads % kv == 0, "attn.num_heads_kv",

@@ -9,12 +9,17 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from hybridlm.models.attention import Attention
+from hybridlm.models.attention import Attention, S2Attention
 from hybridlm.models.config import ModelConfig
 from hybridlm.models.mamba2 import Mamba2
 from hybridlm.models.mlp import GatedMLP
 from hybridlm.models.norm import RMSNorm
+from hybridlm.models.se_attention import SpanExpandedAttention
 from hybridlm.models.state import State
+
+# attn.kind -> mixer class. All share Attention's parameters (in_proj, out_proj, optional conv1d), so a
+# checkpoint loads whatever kind the model is built with.
+ATTENTION_MIXERS = {"full": Attention, "swa": Attention, "se_attn": SpanExpandedAttention, "s2": S2Attention}
 
 
 class Block(nn.Module):
@@ -23,7 +28,10 @@ class Block(nn.Module):
         kind = cfg.layer_pattern[layer_idx]
         self.kind = kind
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
-        self.mixer = Mamba2(cfg.d_model, cfg.ssm, layer_idx) if kind == "M" else Attention(cfg.d_model, cfg.attn, layer_idx)
+        if kind == "M":
+            self.mixer = Mamba2(cfg.d_model, cfg.ssm, layer_idx)
+        else:
+            self.mixer = ATTENTION_MIXERS[cfg.attn.kind](cfg.d_model, cfg.attn, layer_idx)
         if cfg.d_intermediate > 0:
             self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
             self.mlp = GatedMLP(cfg.d_model, cfg.d_intermediate)
@@ -83,7 +91,8 @@ class HybridLM(nn.Module):
             x = x.float()
         layer_states = state if state is not None else [None] * len(self.backbone.layers)
         if len(layer_states) != len(self.backbone.layers):
-            raise ValueError(f"state has {len(layer_states)} layer entries, model has {len(self.backbone.layers)} layers")
+            raise ValueError(f"state has {len(layer_states)} layer entries, "
+                             f"model has {len(self.backbone.layers)} layers")
         new_state: State = []
         for layer, s in zip(self.backbone.layers, layer_states):
             x, s_new = layer(x, s)

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -20,5 +19,12 @@ def causal_conv1d_torch(
     if conv_state is None:
         conv_state = x.new_zeros(b, k - 1, d)
     xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (b, k-1+l, d)
-    y = F.conv1d(xs.transpose(1, 2), weight, bias, groups=d).transpose(1, 2)
+    # k shifted multiply-adds: for the small kernels used here (k ~ 4) this is several times faster on CPU
+    # than a depthwise F.conv1d, whose backward is slow, and it needs no (b, d, l) transposes.
+    w = weight[:, 0, :].to(x.dtype)  # (d, k)
+    y = xs[:, 0:l] * w[:, 0]
+    for i in range(1, k):
+        y = y + xs[:, i:i + l] * w[:, i]
+    if bias is not None:
+        y = y + bias.to(x.dtype)
     return y, xs[:, xs.shape[1] - (k - 1):]

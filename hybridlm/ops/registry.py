@@ -9,8 +9,10 @@ A backend declares
 - `load`: "module:function"; imported only when the backend is selected, so e.g. triton is never imported
   unless a triton backend runs (TRITON_INTERPRET must be set before that import).
 
-`configure()` resolves, once, a chain per op (chosen backend, then torch as the last resort) and stores it
-in a plain dict; a call is a dict read plus the verifiers, so torch.compile traces straight through.
+`configure()` resolves, once, a chain per op (chosen backend, then torch as the last resort), imports the
+chosen functions and stores the chains in a plain dict; a call is a dict read plus the verifiers, so
+torch.compile traces straight through it. Call `configure()` at start, before compiling: an op called with
+nothing configured resolves `auto` on its first call, which inside a compiled region costs one graph break.
 """
 from __future__ import annotations
 
@@ -57,9 +59,12 @@ class Backend:
     @property
     def fn(self) -> Callable:
         if self._fn is None:
-            module, attr = self.load.split(":")
-            self._fn = getattr(importlib.import_module(module), attr)
+            self.import_fn()
         return self._fn
+
+    def import_fn(self) -> None:
+        module, attr = self.load.split(":")
+        self._fn = getattr(importlib.import_module(module), attr)
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
@@ -73,17 +78,18 @@ def register(backend: Backend) -> None:
     _CHAINS.clear()  # a new backend changes what `auto` picks
 
 
-def backends(op: str) -> dict[str, Backend]:
-    return dict(_BACKENDS[op])
-
-
-def _requested(cfg: BackendConfig) -> dict[str, str]:
-    """op -> requested backend name: env var > per-op config field > cfg.name."""
+def _requested(cfg: BackendConfig) -> dict[str, tuple[str, str]]:
+    """op -> (requested backend name, where the request comes from): env var > per-op config field > cfg.name."""
     out = {}
     for op in _BACKENDS:
-        env = os.environ.get(f"HYBRIDLM_BACKEND_{ENV_SUFFIX.get(op, op.upper())}")
-        per_op = getattr(cfg, CONFIG_FIELD.get(op, ""), None)
-        out[op] = (env or per_op or cfg.name).strip()
+        env_var = f"HYBRIDLM_BACKEND_{ENV_SUFFIX.get(op, op.upper())}"
+        field_name = CONFIG_FIELD.get(op, "")
+        if os.environ.get(env_var):
+            out[op] = (os.environ[env_var].strip(), f"{env_var}={os.environ[env_var].strip()}")
+        elif getattr(cfg, field_name, None):
+            out[op] = (getattr(cfg, field_name).strip(), f"backend.{field_name}={getattr(cfg, field_name)}")
+        else:
+            out[op] = (cfg.name.strip(), f"backend.name={cfg.name}")
     return out
 
 
@@ -100,32 +106,34 @@ def configure(cfg: Union[BackendConfig, str, None] = None) -> dict[str, tuple[st
         cfg = BackendConfig(name=cfg)
     chains: dict[str, tuple[Backend, ...]] = {}
     notes: dict[str, str] = {}
-    for op, want in _requested(cfg).items():
+    for op, (want, source) in _requested(cfg).items():
         impls = _BACKENDS[op]
         torch_impl = impls["torch"]
         if want == "auto":
-            chosen, skipped = None, []
+            chosen, skipped = torch_impl, []
             for b in sorted(impls.values(), key=lambda b: -b.priority):
                 reason = b.available() or b.auto_skip()
                 if reason is None:
                     chosen = b
                     break
                 skipped.append(f"{b.name}: {reason}")
-            notes[op] = "auto" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+            notes[op] = source + (f"; skipped {'; '.join(skipped)}" if skipped else "")
         elif want not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {want!r} for op {op}; choose auto or one of {BACKEND_NAMES}")
+            raise ValueError(f"{source}: unknown backend {want!r} for op {op}; choose auto or one of {BACKEND_NAMES}")
         elif want not in impls:
-            if want != cfg.name:  # a per-op override must name a backend of that op
-                raise BackendUnavailableError(f"op {op} has no {want!r} backend; it has {sorted(impls)}")
+            if not source.startswith("backend.name"):  # a per-op request must name a backend of that op
+                raise BackendUnavailableError(f"{source}: op {op} has no {want!r} backend; it has {sorted(impls)}")
             chosen = torch_impl
-            notes[op] = f"{want} requested; this op has no {want} backend"
+            notes[op] = f"{source}; this op has no {want} backend"
         else:
             chosen = impls[want]
             reason = chosen.available()
             if reason is not None:
-                raise BackendUnavailableError(f"backend {want!r} for op {op} cannot run here: {reason}")
-            notes[op] = f"{want} requested"
+                raise BackendUnavailableError(f"{source}: backend {want!r} for op {op} cannot run here: {reason}")
+            notes[op] = source
         chains[op] = (chosen,) if chosen is torch_impl else (chosen, torch_impl)
+        for b in chains[op]:
+            b.import_fn()  # now, not inside a call that torch.compile may be tracing
     _CHAINS.clear()
     _CHAINS.update(chains)
     _NOTES.clear()

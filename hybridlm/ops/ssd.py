@@ -52,33 +52,33 @@ def ssd_scan_torch(
         B = F.pad(B, (0, 0, 0, 0, 0, pad))
         C = F.pad(C, (0, 0, 0, 0, 0, pad))
     c = (l + pad) // q
-    # heads h share group h // (h/g), as in mamba_ssm
-    B = B.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
-    C = C.repeat_interleave(h // g, dim=2).reshape(b, c, q, h, n)
-    X = (x * dt[..., None]).reshape(b, c, q, h, p)
-    a = (dt * A.to(cdt)).reshape(b, c, q, h).permute(0, 3, 1, 2)  # (b, h, c, q)
+    # Layout (b, c, h, q, .) so every contraction below is one batched matmul over (b, c, h).
+    # Heads h share group h // (h/g), as in mamba_ssm.
+    B = B.reshape(b, c, q, g, n).permute(0, 1, 3, 2, 4).repeat_interleave(h // g, dim=2)  # (b, c, h, q, n)
+    C = C.reshape(b, c, q, g, n).permute(0, 1, 3, 2, 4).repeat_interleave(h // g, dim=2)
+    X = (x * dt[..., None]).reshape(b, c, q, h, p).permute(0, 1, 3, 2, 4)  # (b, c, h, q, p)
+    a = (dt * A.to(cdt)).reshape(b, c, q, h).transpose(2, 3)  # (b, c, h, q): log-decay per step
     a_cum = torch.cumsum(a, dim=-1)
 
-    # 1. within-chunk outputs (the quadratic, attention-like part)
-    L = torch.exp(segsum(a))  # (b, h, c, q, q)
-    y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", C, B, L, X)
+    # 1. within-chunk outputs (the quadratic, attention-like part): (C B^T * decay mask) X
+    y = ((C @ B.transpose(-1, -2)) * torch.exp(segsum(a))) @ X  # (b, c, h, q, p)
 
-    # 2. each chunk's own contribution to the state at its end
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, q)
-    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_to_end, X)
+    # 2. each chunk's own contribution to the state at its end: X^T (B * decay-to-end)
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, c, h, q)
+    chunk_states = X.transpose(-1, -2) @ (B * decay_to_end[..., None])  # (b, c, h, p, n)
 
     # 3. carry states across chunks (a short loop over chunks, not tokens)
-    chunk_decay = torch.exp(a_cum[..., -1])  # (b, h, c)
+    chunk_decay = torch.exp(a_cum[..., -1])[..., None, None]  # (b, c, h, 1, 1)
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state.to(cdt)
     states_in = []
     for i in range(c):
         states_in.append(state)
-        state = chunk_decay[:, :, i, None, None] * state + chunk_states[:, i]
-    states_in = torch.stack(states_in, dim=1)  # (b, c, h, p, n): state entering each chunk
+        state = chunk_decay[:, i] * state + chunk_states[:, i]
+    states_in = torch.stack(states_in, dim=1)  # (b, c, h, p, n): the state entering each chunk
 
-    # 4. contribution of the incoming state to each position
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states_in, torch.exp(a_cum))
-    y = y.reshape(b, c * q, h, p)[:, :l]
+    # 4. contribution of the incoming state to each position: (C * decay-from-start) state^T
+    y = y + (C * torch.exp(a_cum)[..., None]) @ states_in.transpose(-1, -2)
+    y = y.permute(0, 1, 3, 2, 4).reshape(b, c * q, h, p)[:, :l]
     if D is not None:
         y = y + x[:, :l] * D.to(cdt)[:, None]
     return y.to(in_dtype), state

@@ -1,0 +1,74 @@
+"""The command line end to end, through real subprocesses: `python -m hybridlm.train ...`."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.attn.window=16",
+        "data.seq_len=32", "data.batch_size=2", "trainer.limit_val_batches=2", "optim.warmup_steps=2"]
+
+
+def run_train(args, tmp_path, check=True, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "hybridlm.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_train_end_to_end_writes_checkpoint_csv_and_offline_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train([*TINY, "trainer.max_steps=6", "trainer.val_check_interval=3", f"hydra.run.dir={run_dir}"],
+                     tmp_path)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("hybridlm: done") and str(run_dir) in last, last
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert any(r.get("val/loss") for r in rows) and any(r.get("train/loss") for r in rows)
+    offline = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert offline, list(run_dir.rglob("*"))[:50]
+    assert "wandb sync" in last
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model.d_model=-4", "model.d_model"),
+    ("model.layer_pattern=MXA", "model.layer_pattern"),
+    ("model.d_modle=64", "d_modle"),
+    ("model.attn.window=0", "model.attn.window"),
+    ("trainer.max_steps=banana", "trainer.max_steps"),
+])
+def test_bad_config_fails_before_training_naming_the_key(tmp_path, override, expected):
+    proc = run_train([override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert expected in out, out[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_multirun_failing_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
+                      "optim.lr=0.001,-1.0,0.002", f"hydra.sweep.dir={sweep}"], tmp_path)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [r["status"] for r in summary] == ["ok", "failed", "ok"]
+    assert "optim.lr" in summary[1]["error"]
+    assert "FAILED" in proc.stdout
+    for job in ("0", "2"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    run_dir = tmp_path / "ddp"
+    run_train([*TINY, "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "logger=csv",
+               f"hydra.run.dir={run_dir}"], tmp_path)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    assert any(r.get("val/loss") for r in rows)

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hybridlm.checkpointing import AtomicCheckpointIO, find_resume_checkpoint
+from hybridlm.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
 from hybridlm.config import Config, to_config
 from hybridlm.eval import LengthEvalCallback
 from hybridlm.interventions import build_intervention
@@ -182,6 +182,61 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     return result
 
 
+def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]] = None) -> dict:
+    """Validation loss and (with eval diagnostics) the length report of cfg.ckpt_path, written to out_dir."""
+    from hybridlm.data import HybridDataModule
+    from hybridlm.eval import run_length_report
+    from hybridlm.models.checkpoints import (
+        detect_format,
+        find_tokenizer,
+        load_pretrained,
+        load_state_dict_checked,
+        merge_model_config,
+        resolve_checkpoint,
+    )
+
+    if task_overrides is None:
+        task_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    typed = typed_config(cfg)
+    if not typed.ckpt_path:
+        raise ConfigError("ckpt_path: give the checkpoint to evaluate (a .ckpt file or a checkpoint directory)")
+    path = resolve_checkpoint(typed.ckpt_path)
+    ckpt_cfg, sd = load_pretrained(path)
+    typed.model = merge_model_config(ckpt_cfg, typed.model, explicit_model_keys(task_overrides))
+    user_set_data = any(o.lstrip("+~").startswith("data") for o in task_overrides)
+    if detect_format(path) == "hybridlm" and not user_set_data:
+        stored = load_checkpoint_file(path)["hyper_parameters"]["cfg"]
+        typed.data = to_config({"data": stored["data"]}).data  # evaluate on what it was trained on
+    elif typed.data.tokenizer == "byte" and find_tokenizer(path) is not None and not user_set_data:
+        typed.data.tokenizer = str(find_tokenizer(path))  # an official checkpoint's own tokenizer
+    typed.validate()
+    ensure_writable(out_dir)
+    L.seed_everything(typed.seed, workers=True, verbose=False)
+    model = HybridLM(typed.model)
+    load_state_dict_checked(model, sd, source=str(path))
+    module = HybridLMModule(typed, model=model)
+    datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
+    loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")
+    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False, accelerator=typed.trainer.accelerator,
+                        devices=1, precision=resolve_precision(typed.trainer.precision),
+                        limit_val_batches=typed.trainer.limit_val_batches,
+                        enable_progress_bar=typed.trainer.enable_progress_bar)
+    start = time.time()
+    metrics = trainer.validate(module, datamodule=datamodule)[0] if typed.data.val_batches else {}
+    report_dir = None
+    if typed.eval.diagnostics:
+        datamodule.setup("validate")
+        report_dir = out_dir / typed.eval.out_dir
+        for name, scalars in run_length_report(module.model, datamodule, typed.eval, report_dir, loggers).items():
+            metrics.update({f"length_eval/{name}/{k}": v for k, v in scalars.items()})
+    result = {"out_dir": str(out_dir), "metrics": {k: float(v) for k, v in metrics.items()},
+              "seconds": round(time.time() - start, 1), "checkpoint": None,
+              "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
+              "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
+    report(result)
+    return result
+
+
 def ensure_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +252,7 @@ def report(result: dict) -> None:
     parts = [f"val/loss {m['val/loss']:.4f}" if "val/loss" in m else None,
              f"checkpoint {result['checkpoint']}" if result["checkpoint"] else None,
              f"CSV log {result['csv']}" if result["csv"] else None,
+             f"length report {result['report']}" if result.get("report") else None,
              (f"W&B run {result['wandb']}" + (" (offline: upload with `wandb sync " + result["wandb"] + "`)"
                                              if "offline-run" in result["wandb"] else "")) if result["wandb"] else None]
     print(f"hybridlm: done in {result['seconds']:.0f}s; outputs in {result['out_dir']}: "

@@ -10,7 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.attn.window=16",
-        "data.seq_len=32", "data.batch_size=2", "trainer.limit_val_batches=2", "optim.warmup_steps=2"]
+        "data.seq_len=32", "data.batch_size=2", "trainer.limit_val_batches=2", "optim.warmup_steps=2",
+        "trainer.log_every_n_steps=1", "data.val_batches=2"]
 
 
 def run_train(args, tmp_path, check=True, timeout=600):

@@ -1,0 +1,20 @@
+"""`python -m hybridlm.evaluate ckpt_path=... [eval=length_report]`: validation loss and the length diagnostics
+of any checkpoint — a hybridlm .ckpt, or an official mamba_ssm / Hugging Face Mamba-2 directory."""
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from hybridlm.config import register_configs
+from hybridlm.runner import evaluate, run_job
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    return run_job(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -73,3 +73,60 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert any(r.get("val/loss") for r in rows)
+
+
+def run_module(module, args, tmp_path, check=True, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_evaluate_length_report_on_a_trained_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train([*TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv", f"hydra.run.dir={run_dir}"],
+              tmp_path)
+    eval_dir = tmp_path / "eval"
+    proc = run_module("hybridlm.evaluate", [
+        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "eval=length_report", "eval.max_len=128",
+        "eval.n_sequences=2", "eval.passkey_lengths=[96]", "eval.passkey_depths=[0.5]", "eval.passkey_samples=1",
+        "eval.copy_lengths=[8]", "eval.copy_samples=2", "eval.effrem_points=3", "logger=csv",
+        f"hydra.run.dir={eval_dir}"], tmp_path)
+    assert "length report" in proc.stdout.strip().splitlines()[-1]
+    for name in ("loss_by_position", "effrem", "state_norms", "passkey", "copy"):
+        for ext in ("csv", "json", "png"):
+            assert (eval_dir / "length_eval" / f"{name}.{ext}").is_file(), (name, ext)
+    metrics = json.loads((eval_dir / "result.json").read_text())["metrics"]
+    assert "val/loss" in metrics
+    assert metrics["length_eval/loss_by_position/last_bucket_over_train_half"] > 0
+    assert 0 <= metrics["length_eval/passkey/mean_accuracy"] <= 1
+
+
+def save_tiny_hf_mamba2(path):
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    cfg = Mamba2Config(vocab_size=260, hidden_size=32, num_hidden_layers=2, state_size=16, expand=2, head_dim=16,
+                       num_heads=4, n_groups=1, conv_kernel=4, chunk_size=16, tie_word_embeddings=True)
+    Mamba2ForCausalLM(cfg).save_pretrained(path)
+
+
+def test_post_train_an_hf_mamba2_checkpoint_with_state_passing(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf_mamba2(hf_dir)
+    run_dir = tmp_path / "run"
+    run_train([f"init_from={hf_dir}", "intervention=state_passing", "data.seq_len=32", "data.batch_size=2",
+               "data.val_batches=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
+               f"hydra.run.dir={run_dir}"], tmp_path)
+    from hybridlm.models.checkpoints import load_pretrained
+    cfg, _ = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
+    assert cfg.layer_pattern == "MM" and cfg.d_model == 32 and cfg.ssm.d_state == 16
+
+
+def test_init_from_refuses_a_conflicting_architecture_override(tmp_path):
+    hf_dir = tmp_path / "hf"
+    save_tiny_hf_mamba2(hf_dir)
+    proc = run_train([f"init_from={hf_dir}", "model.ssm.d_state=64", "data.seq_len=32", "trainer.max_steps=2",
+                      "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "ssm.d_state" in proc.stdout + proc.stderr

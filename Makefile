@@ -25,5 +25,9 @@ test-all:
 lint:
 	$(PY) -m ruff check hybridlm kernels tests benchmarks
 
+# ARGS="--quick" for a smoke run, ARGS="--sections train ops" for some sections; results -> benchmarks/results.jsonl
+bench:
+	$(PY) -m benchmarks.run $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -47,7 +47,8 @@ class NaiveMamba2Mixer(nn.Module):
         h = u.new_zeros(b, self.nheads, self.headdim, self.d_state)
         ys = []
         for t in range(l):
-            h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None]
+            write = (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, None, None]  # (b, h, p, n)
+            h = torch.exp(dt[:, t] * A)[..., None, None] * h + write
             ys.append(h @ C[:, t, None, :, None])  # (b, h, p, 1)
         y = torch.stack(ys, dim=1).squeeze(-1) + x * self.D[:, None]
         y = self.norm(y.reshape(b, l, self.d_inner) * F.silu(z))

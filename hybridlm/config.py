@@ -65,6 +65,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Numerical guard (hybridlm/guards.py): a step whose loss or gradient norm is not finite is never applied."""
+
+    on_nonfinite: str = "skip"  # skip: drop the update and go on | stop: end the run at the first such step
+    max_consecutive: int = 5  # skip: this many non-finite steps in a row end the run
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -75,6 +83,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     experiment_name: str = "default"
     seed: int = 0
@@ -105,6 +114,12 @@ class Config:
             (self.logger.wandb_mode in ("auto", "online", "offline"), "logger.wandb_mode",
              f"must be auto, online or offline, got {self.logger.wandb_mode!r}"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
+            (not (self.checkpoint.every_n_steps and self.checkpoint.every_n_minutes), "checkpoint.every_n_minutes",
+             "set either checkpoint.every_n_steps or checkpoint.every_n_minutes, not both (Lightning's "
+             "ModelCheckpoint takes one trigger)"),
+            (self.guard.on_nonfinite in ("skip", "stop"), "guard.on_nonfinite",
+             f"must be skip or stop, got {self.guard.on_nonfinite!r}"),
+            (self.guard.max_consecutive >= 1, "guard.max_consecutive", "must be >= 1"),
         ]
         for ok, key, msg in checks:
             if not ok:

@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
 
+from hybridlm.checkpointing import ResumableCSVLogger
 from hybridlm.config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def resolve_wandb_mode(cfg: LoggerConfig) -> str:
 def build_loggers(cfg: LoggerConfig, save_dir: Path, run_name: str, run_id: Optional[str] = None) -> list[Logger]:
     loggers: list[Logger] = []
     if cfg.csv:
-        loggers.append(CSVLogger(str(save_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(str(save_dir), name="csv", version=""))  # continues a resumed run's log
     if cfg.wandb:
         mode = resolve_wandb_mode(cfg)
         if mode != "disabled":

@@ -19,9 +19,18 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hybridlm.checkpointing import AtomicCheckpointIO, find_resume_checkpoint, load_checkpoint_file
+from hybridlm.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointReadError,
+    RunStateCallback,
+    find_resume_checkpoint,
+    load_checkpoint_file,
+    resume_point,
+    truncate_csv_log,
+)
 from hybridlm.config import Config, to_config
 from hybridlm.eval import LengthEvalCallback
+from hybridlm.guards import NonFiniteGuard
 from hybridlm.interventions import build_intervention
 from hybridlm.lit import HybridLMModule
 from hybridlm.logging import build_loggers, wandb_run_dir
@@ -104,6 +113,8 @@ def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
 def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
     c = cfg.checkpoint
     callbacks: list[Callback] = [
+        RunStateCallback(cfg.seed),  # first: seeds the global RNGs before any other callback draws
+        NonFiniteGuard(cfg.guard),
         ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
                         save_last=True, save_top_k=c.keep_last, monitor="step", mode="max",
                         every_n_train_steps=c.every_n_steps or None,
@@ -137,7 +148,14 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
         resume_ckpt = Path(typed.resume)
         if not resume_ckpt.is_file():
             raise ConfigError(f"resume: checkpoint {resume_ckpt} does not exist")
+    try:
+        resume = resume_point(resume_ckpt) if resume_ckpt else None
+    except CheckpointReadError as e:
+        raise ConfigError(f"resume: {e}") from e
     ensure_writable(out_dir)
+    if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        # The killed run may have logged steps past its checkpoint: they are logged again from here.
+        truncate_csv_log(out_dir / "csv" / "metrics.csv", from_step=resume.global_step)
     L.seed_everything(typed.seed, workers=True, verbose=False)
 
     from hybridlm.data import HybridDataModule
@@ -145,7 +163,8 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     model = build_model(typed, explicit_keys)
     module = HybridLMModule(typed, model=model)
-    loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}")
+    loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}",
+                            run_id=resume.wandb_run_id if resume else None)
     ckpt_dir = out_dir / "checkpoints"
     t = typed.trainer
     trainer = L.Trainer(

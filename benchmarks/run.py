@@ -1,0 +1,54 @@
+"""`make bench`: every benchmark section, each printing a markdown table and appending a JSON record (with the
+machine: cpu model, cores, torch version, load average) to benchmarks/results.jsonl.
+
+    python -m benchmarks.run                      # everything (~10-15 min on 2 cores)
+    python -m benchmarks.run --sections train ops
+    python -m benchmarks.run --quick              # fewer rounds/lengths, a smoke run (~3 min)
+
+Timings on a shared machine are noisy: sections report medians, and the headline ratios (hybridlm vs
+transformers) are computed within each round before taking the median.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks import flops, ops_bench, scaling, streaming, train_step
+from benchmarks.common import machine_info, report, setup_threads
+
+SECTIONS = ("peak", "train", "ops", "scaling", "streaming")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    setup_threads()
+    print("## hybridlm benchmarks\n")
+    print("machine: " + json.dumps(machine_info()))
+    peaks = flops.run() if "peak" in args.sections or "train" in args.sections else None
+    if "train" in args.sections:
+        result = train_step.run(rounds=1 if args.quick else 3, steps=2 if args.quick else 3,
+                                chunks=(64,) if args.quick else (64, 256))
+        rows = []
+        for r in result["rows"]:
+            if r["GFLOP/step"] == "":
+                continue
+            achieved = r["GFLOP/step"] / (r["step ms"] / 1000)
+            rows.append({"model": r["model"], "chunk": r["chunk"], "counted GFLOP/step": r["GFLOP/step"],
+                         "achieved GFLOP/s": achieved, "of fp32 peak": achieved / peaks["fp32"]})
+        report("train_flops", "Achieved FLOP/s of the training step (matmul/conv FLOPs counted by "
+               "torch.utils.flop_counter on one step; elementwise ops not counted)", rows,
+               ["model", "chunk", "counted GFLOP/step", "achieved GFLOP/s", "of fp32 peak"],
+               fp32_peak_gflops=round(peaks["fp32"], 1))
+    if "ops" in args.sections:
+        ops_bench.run(repeats=3 if args.quick else 5)
+    if "scaling" in args.sections:
+        scaling.run(lengths=(1024, 4096, 16384) if args.quick else (1024, 2048, 4096, 8192, 16384, 32768, 65536))
+    if "streaming" in args.sections:
+        streaming.run(lengths=(16_384, 131_072) if args.quick else (16_384, 131_072, 1_048_576))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Exact resume after a crash: a real `python -m hybridlm.train` killed with SIGKILL after a checkpoint and
+restarted with resume=auto logs the same per-step losses, bit for bit, as a run never interrupted, and ends
+with the same weights and optimizer state. Plus the pieces that make it so: global RNG states and the W&B
+run id in the checkpoint, and a CSV log that continues across the resume."""
+import csv
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import wandb
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from test_cli import TINY, run_train
+
+from hybridlm import runner
+from hybridlm.checkpointing import (
+    RunStateCallback,
+    collect_rng_states,
+    load_checkpoint_file,
+    restore_rng_states,
+    truncate_csv_log,
+)
+from hybridlm.config import register_configs
+
+STEPS = 24
+RUN = [*TINY, "logger=csv", "trainer.enable_progress_bar=false", "experiment_name=exp", f"trainer.max_steps={STEPS}",
+       "checkpoint.every_n_steps=4", "trainer.val_check_interval=5"]
+INTERVENTIONS = {
+    "none": ["intervention=none"],
+    "state_passing": ["intervention=state_passing", "intervention.reset_prob=0.25"],  # also uses its own RNG
+    "tbtt": ["intervention=tbtt", "data.stream_mode=contiguous"],
+}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def compose_train_config(overrides):
+    register_configs()
+    with initialize_config_dir(config_dir=str(runner.CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=[*TINY, "logger=csv", "trainer.enable_progress_bar=false", *overrides])
+
+
+def train_in_process(run_dir, overrides, monkeypatch=None, extra_callbacks=()):
+    """runner.train as `python -m hybridlm.train` calls it, optionally with test callbacks appended."""
+    if extra_callbacks:
+        build = runner.build_callbacks
+        monkeypatch.setattr(runner, "build_callbacks", lambda cfg, d: build(cfg, d) + list(extra_callbacks))
+    return runner.train(compose_train_config(overrides), Path(run_dir))
+
+
+def csv_rows(run_dir):
+    with open(Path(run_dir) / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def per_step(rows, key):
+    """{step: value string} for the rows that logged `key`; each step must appear once."""
+    out = {}
+    for r in rows:
+        if r.get(key):
+            assert int(r["step"]) not in out, f"step {r['step']} logged twice for {key}"
+            out[int(r["step"])] = r[key]
+    return out
+
+
+def popen_train(args, cwd, log_file):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.Popen([sys.executable, "-m", "hybridlm.train", *args], cwd=cwd, env=env,
+                            stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def logged_steps(run_dir):
+    path = Path(run_dir) / "csv" / "metrics.csv"
+    if not path.is_file():
+        return set()
+    return {int(r["step"]) for r in csv.DictReader(open(path, newline="")) if r.get("train/loss")}
+
+
+def kill_after_checkpoint(args, run_dir, cwd, step, timeout=120):
+    """Start a run, wait until the checkpoint at `step` exists and a later step was logged (so the resume must
+    drop rows and redo work), then SIGKILL it."""
+    with open(cwd / f"{Path(run_dir).name}.out", "w") as out:
+        proc = popen_train([*args, f"hydra.run.dir={run_dir}"], cwd, out)
+        ckpt = Path(run_dir) / "checkpoints" / f"step{step:06d}.ckpt"
+        deadline = time.time() + timeout
+        while not (ckpt.is_file() and max(logged_steps(run_dir), default=-1) > step) and proc.poll() is None:
+            assert time.time() < deadline, "the run did not reach its checkpoint in time"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (
+        f"the run ended on its own (exit {proc.returncode}) before it could be killed:\n"
+        + (cwd / f"{Path(run_dir).name}.out").read_text()[-3000:])
+
+
+def model_and_optimizer(ckpt_path):
+    ckpt = load_checkpoint_file(ckpt_path)
+    opt = ckpt["optimizer_states"][0]["state"]
+    return ckpt["global_step"], ckpt["state_dict"], opt
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("name", list(INTERVENTIONS))
+def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
+    args = [*RUN, *INTERVENTIONS[name]]
+    ref_dir = tmp_path / "ref" / "exp" / "run"
+    run_train([*args, f"hydra.run.dir={ref_dir}"], tmp_path)
+
+    crashed = tmp_path / "out" / "exp" / "run1"
+    kill_after_checkpoint(args, crashed, tmp_path, step=8)
+    killed_at = max(logged_steps(crashed))
+    resumed_from, _, _ = model_and_optimizer(crashed / "checkpoints" / "last.ckpt")
+    assert 8 <= resumed_from < STEPS and killed_at >= resumed_from
+
+    proc = run_train([*args, "resume=auto", f"hydra.run.dir={tmp_path / 'out' / 'exp' / 'run2'}"], tmp_path)
+    assert f"continuing from {crashed / 'checkpoints'}" in (tmp_path / "out" / "exp" / "run2" / "train.log").read_text()
+    assert str(crashed) in proc.stdout.strip().splitlines()[-1]  # the run went on in its own directory
+
+    ref, got = csv_rows(ref_dir), csv_rows(crashed)
+    for key in ("train/loss", "train/lr", "val/loss"):
+        assert per_step(got, key) == per_step(ref, key), key  # the CSV strings are the exact float32 values
+    assert sorted(per_step(got, "train/loss")) == list(range(STEPS))
+
+    step_a, weights_a, opt_a = model_and_optimizer(ref_dir / "checkpoints" / "last.ckpt")
+    step_b, weights_b, opt_b = model_and_optimizer(crashed / "checkpoints" / "last.ckpt")
+    assert step_a == step_b == STEPS
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
+    print(f"{name}: killed after step {killed_at}, resumed from step {resumed_from}; "
+          f"{STEPS} train losses bitwise equal")
+
+
+class DrawRandom(Callback):
+    """Draws from every global RNG at each batch start, as dropout or a data augmentation would."""
+
+    def __init__(self):
+        self.draws = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.draws[trainer.global_step] = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
+
+
+def test_global_rng_states_are_restored_at_the_resumed_step(tmp_path, monkeypatch):
+    common = ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_check_interval=4"]
+    full = DrawRandom()
+    train_in_process(tmp_path / "full", common, monkeypatch, [full])
+    resumed = DrawRandom()
+    monkeypatch.undo()
+    # A new process would start from seed_everything(seed) again; so does this one (runner.train seeds it).
+    train_in_process(tmp_path / "resumed", [*common, f"resume={tmp_path / 'full' / 'checkpoints' / 'step000004.ckpt'}"],
+                     monkeypatch, [resumed])
+    assert sorted(resumed.draws) == [4, 5, 6, 7]
+    assert all(resumed.draws[s] == full.draws[s] for s in resumed.draws)
+    assert full.draws[4] != full.draws[0]  # without the restore, the reseeded run would draw step 0's numbers
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()  # numpy now holds a cached gaussian: part of its state
+    states = collect_rng_states()
+    expected = (torch.rand(4), np.random.randn(4), [random.random() for _ in range(4)])
+    torch.save(states, tmp_path / "rng.pt")
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    restore_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(4), expected[0])
+    assert np.array_equal(np.random.randn(4), expected[1])
+    assert [random.random() for _ in range(4)] == expected[2]
+
+
+def test_wandb_run_id_is_checkpointed_and_resumed(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    root = tmp_path / "exp"
+    common = ["logger=default", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
+    first = train_in_process(root / "run1", [*common, "trainer.max_steps=2"])
+    ckpt = load_checkpoint_file(root / "run1" / "checkpoints" / "last.ckpt")
+    run_id = ckpt["callbacks"][RunStateCallback.__qualname__]["wandb_run_id"]
+    assert run_id and first["wandb"].endswith(run_id)
+    wandb.finish()  # as when the process ends; else W&B hands the next logger the run still open
+    second = train_in_process(root / "run2", [*common, "trainer.max_steps=4", "resume=auto"])
+    wandb.finish()
+    assert second["out_dir"] == str(root / "run1")
+    assert second["wandb"].endswith(run_id)  # W&B would have drawn a new random id without run_id
+    ckpt = load_checkpoint_file(root / "run1" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    assert ckpt["callbacks"][RunStateCallback.__qualname__]["wandb_run_id"] == run_id
+
+
+def test_csv_log_continues_across_a_resume(tmp_path, monkeypatch):
+    """In process: a finished 4-step run is extended to 8 steps with resume=auto; the CSV keeps steps 0-3 and
+    holds 4-7 once, where Lightning's own CSVLogger would have deleted the file."""
+    root = tmp_path / "exp"
+    common = ["checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
+    train_in_process(root / "run1", [*common, "trainer.max_steps=4"])
+    before = per_step(csv_rows(root / "run1"), "train/loss")
+    train_in_process(root / "run2", [*common, "trainer.max_steps=8", "resume=auto"])
+    after = per_step(csv_rows(root / "run1"), "train/loss")
+    assert sorted(after) == list(range(8))
+    assert {s: after[s] for s in before} == before
+    assert not (root / "run2" / "csv").exists()
+
+
+def test_truncate_csv_log_drops_later_and_cut_rows(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,train/loss,val/loss\n0,0,5.5,\n0,1,5.4,\n0,1,,5.3\n0,2,5.2,\n0,3,5.1,\n0,4,5.")
+    assert truncate_csv_log(path, from_step=3) == 4
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "5.5", ""), ("1", "5.4", ""), ("1", "", "5.3"), ("2", "5.2", "")]
+    assert truncate_csv_log(path, from_step=10) == 4  # nothing past the resume point: unchanged
+    path.write_text(path.read_text() + "0,3,5.")  # a kill in the middle of a row
+    assert truncate_csv_log(path, from_step=10) == 4

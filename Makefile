@@ -29,5 +29,15 @@ lint:
 bench:
 	$(PY) -m benchmarks.run $(ARGS)
 
+# Expansion Span (Nunez et al. 2024): pretrain at T=128, adapt at 8T with {swa,full,s2,se_attn} x {lora_plus,hylora},
+# evaluate; writes results/sespan/{table.md,results.json,figure.png} (runs and logs in outputs/sespan/).
+repro-sespan:
+	$(PY) scripts/repro_sespan.py $(ARGS)
+
+# The five length-generalization arms (conf/experiment/lengthgen/), 2 at a time, 1 thread each; about 20-30 min on
+# 2 CPU cores. Writes results/lengthgen/{table.md,results.json,figure.png}. ARGS="--seed 1" or extra Hydra overrides.
+repro-lengthgen:
+	$(PY) scripts/repro_lengthgen.py $(ARGS)
+
 clean:
 	rm -rf outputs multirun .pytest_cache

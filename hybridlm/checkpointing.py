@@ -3,8 +3,9 @@ loop counters, data position and callback states are Lightning's).
 
 - AtomicCheckpointIO: write a temporary file, fsync, rename; a crash never leaves a half-written checkpoint
   under the real name. Reading uses torch.load(weights_only=True): a checkpoint is data and never runs code.
-- find_resume_checkpoint (resume=auto) skips an unreadable checkpoint with a warning; check_resumable
-  (resume=<path>) refuses one with an error naming the file and the previous checkpoint.
+- find_resume_checkpoint (resume=auto) skips an unreadable checkpoint with a warning; load_checkpoint_file
+  (resume=<path>, and Lightning's restore) refuses one with an error naming the file and the previous one.
+- save_final_checkpoint: last.ckpt holds the final step of a finished run.
 - RunStateCallback: per-batch seeds for the global RNGs (what makes a resume exact), their states and
   the W&B run id in every checkpoint.
 - ResumableCSVLogger + truncate_csv_log: a resumed run continues the CSV log of the run it resumes.
@@ -15,6 +16,7 @@ import csv
 import logging
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +67,19 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", mmap: bool = Fa
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap can only be used" in str(e)):
+                raise
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mmap
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        refused = re.search(r"[^.]*\bGLOBAL [\w.]+[^.]*", str(e))  # weights_only names the global it refused
         what = ("holds Python objects other than tensors and plain containers, which hybridlm refuses to unpickle"
-                if "Weights only load failed" in str(e) else "is truncated or corrupt")
-        raise CheckpointReadError(f"checkpoint {path} {what} ({type(e).__name__}: {str(e)[:300]})"
+                if refused else "is truncated or corrupt")
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", str(e), re.S)
+        detail = (refused.group(0) if refused else unpickler.group(1) if unpickler else str(e)[:300]).strip()
+        raise CheckpointReadError(f"checkpoint {path} {what} ({type(e).__name__}: {detail})"
                                   f"{previous_checkpoint_hint(path)}") from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointReadError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')"
@@ -77,12 +88,11 @@ def load_checkpoint_file(path: _PATH, map_location: Any = "cpu", mmap: bool = Fa
 
 
 def previous_checkpoint_hint(path: Path) -> str:
-    """'; the previous checkpoint is X' for the newest other checkpoint not newer than path (else the newest)."""
-    others = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()]
-    if not others:
-        return "; no other checkpoint in that directory"
+    """'; the previous checkpoint is X': the newest other checkpoint in path's directory not newer than it."""
     mtime = path.stat().st_mtime
-    older = [p for p in others if p.stat().st_mtime <= mtime] or others
+    older = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and p.stat().st_mtime <= mtime]
+    if not older:
+        return "; there is no older checkpoint in that directory"
     return f"; the previous checkpoint is {max(older, key=lambda p: p.stat().st_mtime)}"
 
 
@@ -102,7 +112,6 @@ def find_resume_checkpoint(experiment_root: Path) -> Optional[Path]:
 
 @dataclass
 class ResumePoint:
-    path: Path
     global_step: int  # optimizer steps done; the resumed run logs its first training row at this step
     wandb_run_id: Optional[str]
 
@@ -110,7 +119,18 @@ class ResumePoint:
 def resume_point(path: Path) -> ResumePoint:
     ckpt = load_checkpoint_file(path, mmap=True)
     run_state = (ckpt.get("callbacks") or {}).get(RunStateCallback.__qualname__) or {}
-    return ResumePoint(Path(path), int(ckpt["global_step"]), run_state.get("wandb_run_id"))
+    return ResumePoint(int(ckpt["global_step"]), run_state.get("wandb_run_id"))
+
+
+def save_final_checkpoint(trainer, path: Path) -> None:
+    """Write last.ckpt at the end of a finished fit unless it already holds the final step: ModelCheckpoint
+    writes it only when a periodic checkpoint is due, so with max_steps not a multiple of every_n_steps the
+    run would end with a last.ckpt some steps behind its final weights."""
+    if trainer.state.status != TrainerStatus.FINISHED or trainer.fast_dev_run:
+        return
+    stale = not path.is_file() or resume_point(path).global_step != trainer.global_step
+    if trainer.strategy.broadcast(stale):  # rank 0 decides: save_checkpoint is collective under DDP
+        trainer.save_checkpoint(path)
 
 
 # ------------------------------------------------------------------------------------------------ RNG + run id
@@ -188,14 +208,21 @@ class _AppendingWriter(ExperimentWriter):
     the same columns (a new column rewrites the file with the union header, as Lightning does)."""
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place; a kill in the middle would lose the log.
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        write_csv_atomically(Path(self.metrics_file_path), fieldnames, rows)
 
 
 class ResumableCSVLogger(CSVLogger):
     """A CSVLogger that continues an existing metrics.csv (see truncate_csv_log) and writes every logged row
-    at once (flush_logs_every_n_steps=1), so a killed run loses no row logged before its last checkpoint."""
+    at once (flush_logs_every_n_steps=1), so a killed run loses no row logged before its last checkpoint.
+    Local paths only (the writer uses the os module, for the atomic rename)."""
 
     def __init__(self, *args: Any, flush_logs_every_n_steps: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
@@ -225,10 +252,14 @@ def truncate_csv_log(path: Path, from_step: int) -> int:
             return False
 
     rows = [r for r in rows if kept(r)]
+    write_csv_atomically(path, header, rows)
+    return len(rows)
+
+
+def write_csv_atomically(path: Path, header: list[str], rows: list[dict]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     with os.fdopen(fd, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
-    return len(rows)

@@ -53,6 +53,7 @@ class LoggerConfig:
     project: str = "hybridlm"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    wandb_init_timeout: float = 60.0  # seconds W&B may take to start before the run goes on with CSV only
 
 
 @dataclass
@@ -113,6 +114,7 @@ class Config:
             (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
             (self.logger.wandb_mode in ("auto", "online", "offline"), "logger.wandb_mode",
              f"must be auto, online or offline, got {self.logger.wandb_mode!r}"),
+            (self.logger.wandb_init_timeout > 0, "logger.wandb_init_timeout", "must be positive"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
             (not (self.checkpoint.every_n_steps and self.checkpoint.every_n_minutes), "checkpoint.every_n_minutes",
              "set either checkpoint.every_n_steps or checkpoint.every_n_minutes, not both (Lightning's "

@@ -50,21 +50,23 @@ class NonFiniteGuard(Callback):
         loss_ok, self._loss_ok = self._loss_ok, None
         batches, self._batches = self._batches, []
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        checks: list[tuple[str, Tensor]] = []  # (what, () bool: finite)
+        if loss_ok is not None:
+            checks.append(("loss", loss_ok))
         # fp16 mixed precision: overflowing gradients are routine and GradScaler already skips those steps.
-        check_grads = params and not str(trainer.precision).startswith("16")
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if check_grads else None
-        loss_bad = loss_ok is not None and not bool(loss_ok)  # the one host sync per step
-        grad_bad = grad_norm is not None and not bool(torch.isfinite(grad_norm))
+        if params and not str(trainer.precision).startswith("16"):
+            checks.append(("gradient norm", torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))))
+        finite = torch.stack([ok.to(checks[0][1].device) for _, ok in checks]).tolist() if checks else []  # 1 sync
+        bad = [what for (what, _), ok in zip(checks, finite) if not ok]
         # Under DDP the loss is per rank: skip on every rank if any rank saw a bad step, or weights diverge.
-        if not trainer.strategy.reduce_boolean_decision(loss_bad or grad_bad, all=False):
+        if not trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
             self.consecutive = 0
             return
         for p in params:
             p.grad = None
         self.consecutive += 1
         self.total += 1
-        what = " and ".join(w for w, bad in (("loss", loss_bad), ("gradient norm", grad_bad)) if bad) or \
-            "loss or gradient norm on another rank"
+        what = " and ".join(bad) or "loss or gradient norm on another rank"
         where = ", ".join(f"batch_idx {i}" + (f" (data batch {int(k)})" if k is not None else "") for i, k in batches)
         log.warning("numerical guard: non-finite %s at step %d, %s: update skipped (%d in a row, %d in the run)",
                     what, trainer.global_step, where, self.consecutive, self.total)

@@ -46,7 +46,8 @@ def build_loggers(cfg: LoggerConfig, save_dir: Path, run_name: str, run_id: Opti
                 os.environ["WANDB_MODE"] = mode  # also what DDP children and wandb's own threads read
                 wb = WandbLogger(project=cfg.project, entity=cfg.entity, name=run_name, save_dir=str(save_dir),
                                  offline=(mode == "offline"), id=run_id, resume="allow" if run_id else None,
-                                 tags=list(cfg.tags) or None, settings=wandb.Settings(init_timeout=60, silent=True))
+                                 tags=list(cfg.tags) or None,
+                                 settings=wandb.Settings(init_timeout=cfg.wandb_init_timeout, silent=True))
                 _ = wb.experiment  # start now, so a failure shows here and not mid-training
                 loggers.append(wb)
             except Exception as e:  # noqa: BLE001 - any W&B failure must leave training running

@@ -26,6 +26,7 @@ from hybridlm.checkpointing import (
     find_resume_checkpoint,
     load_checkpoint_file,
     resume_point,
+    save_final_checkpoint,
     truncate_csv_log,
 )
 from hybridlm.config import Config, to_config
@@ -191,6 +192,7 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     )
     start = time.time()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    save_final_checkpoint(trainer, ckpt_dir / "last.ckpt")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result = {"out_dir": str(out_dir), "metrics": metrics, "seconds": round(time.time() - start, 1),
               "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,

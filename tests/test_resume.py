@@ -21,6 +21,7 @@ from test_cli import TINY, run_train
 
 from hybridlm import runner
 from hybridlm.checkpointing import (
+    ResumableCSVLogger,
     RunStateCallback,
     collect_rng_states,
     load_checkpoint_file,
@@ -140,6 +141,23 @@ def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
           f"{STEPS} train losses bitwise equal")
 
 
+@pytest.mark.parametrize("intervention", ["random_noise", "fitted_noise"])
+def test_noise_interventions_resume_bitwise_in_process(tmp_path, intervention):
+    """The noise callbacks draw from their own checkpointed generators, fitted_noise from checkpointed
+    statistics: resuming from step 4 reproduces steps 4-7 exactly."""
+    common = ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep_last=2",
+              "trainer.val_check_interval=3", f"intervention={intervention}"]
+    train_in_process(tmp_path / "full", common)
+    train_in_process(tmp_path / "resumed", [*common, f"resume={tmp_path / 'full/checkpoints/step000004.ckpt'}"])
+    full, resumed = per_step(csv_rows(tmp_path / "full"), "train/loss"), per_step(csv_rows(tmp_path / "resumed"),
+                                                                                "train/loss")
+    assert sorted(resumed) == [4, 5, 6, 7]
+    assert all(resumed[s] == full[s] for s in resumed)
+    a = load_checkpoint_file(tmp_path / "full/checkpoints/last.ckpt")["state_dict"]
+    b = load_checkpoint_file(tmp_path / "resumed/checkpoints/last.ckpt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 class DrawRandom(Callback):
     """Draws from every global RNG at each batch start, as dropout or a data augmentation would."""
 
@@ -150,7 +168,9 @@ class DrawRandom(Callback):
         self.draws[trainer.global_step] = (torch.rand(3).tolist(), np.random.rand(3).tolist(), random.random())
 
 
-def test_global_rng_states_are_restored_at_the_resumed_step(tmp_path, monkeypatch):
+def test_global_rngs_draw_the_same_numbers_after_a_resume(tmp_path, monkeypatch):
+    """Validation right after the step-4 checkpoint creates a DataLoader iterator (one torch draw) in the full
+    run but not in the resumed one; per-batch seeding makes that irrelevant."""
     common = ["trainer.max_steps=8", "checkpoint.every_n_steps=4", "trainer.val_check_interval=4"]
     full = DrawRandom()
     train_in_process(tmp_path / "full", common, monkeypatch, [full])
@@ -179,6 +199,7 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 def test_wandb_run_id_is_checkpointed_and_resumed(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # settings cached by an earlier W&B user in this process would apply otherwise
     root = tmp_path / "exp"
     common = ["logger=default", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
     first = train_in_process(root / "run1", [*common, "trainer.max_steps=2"])
@@ -207,6 +228,20 @@ def test_csv_log_continues_across_a_resume(tmp_path, monkeypatch):
     assert sorted(after) == list(range(8))
     assert {s: after[s] for s in before} == before
     assert not (root / "run2" / "csv").exists()
+
+
+def test_csv_logger_appends_to_an_existing_log_and_widens_its_header(tmp_path):
+    path = tmp_path / "csv" / "metrics.csv"
+    path.parent.mkdir()
+    path.write_text("epoch,step,train/loss\n0,0,5.5\n0,1,5.4\n")
+    logger = ResumableCSVLogger(str(tmp_path), name="csv", version="")
+    logger.log_metrics({"train/loss": 5.25, "epoch": 0}, step=2)  # written at once, not after 100 steps
+    assert [r["train/loss"] for r in csv.DictReader(open(path, newline=""))] == ["5.5", "5.4", "5.25"]
+    logger.log_metrics({"val/loss": 5.0, "epoch": 0}, step=2)  # a new column: the file is rewritten
+    rows = list(csv.DictReader(open(path, newline="")))
+    assert [(r["step"], r["train/loss"], r["val/loss"]) for r in rows] == [
+        ("0", "5.5", ""), ("1", "5.4", ""), ("2", "5.25", ""), ("2", "", "5.0")]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.csv"]  # no temporary file left
 
 
 def test_truncate_csv_log_drops_later_and_cut_rows(tmp_path):

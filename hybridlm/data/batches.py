@@ -42,7 +42,7 @@ class BatchSource:
             self.val_starts = self._val_windows(corpus.val)
         else:
             self.val_starts = None
-        if cfg.source == "synthetic" or cfg.mix_prob > 0:
+        if (cfg.source == "synthetic" and corpus is None) or cfg.mix_prob > 0:  # rows from synthetic_row
             self._check_synthetic()
 
     # ----- checks that need the corpus -----------------------------------------------------------------------

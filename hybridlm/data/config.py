@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 SOURCES = ("stdlib", "files", "hub", "synthetic")
 STREAM_MODES = ("random", "contiguous")
-TASKS = ("mqar", "copy", "passkey")
+TASKS = ("mqar", "copy", "passkey", "recall_stream")
 SAMPLE_BY = ("document", "paragraph", "line")
 PASSKEY_FILLERS = ("neutral", "corpus")
 
@@ -24,6 +24,14 @@ class SyntheticConfig:
     copy_len: int = 0  # copy: tokens to copy; 0 = the longest that fits (seq_len // 2)
     passkey_digits: int = 5  # passkey: digits of the key
     passkey_filler: str = "neutral"  # neutral (repeated sentences) | corpus (text of the training corpus)
+    # recall_stream (source=synthetic): endless (key, value) pair streams used as a token corpus; see recall_stream.py
+    num_keys: int = 64  # recall_stream: K keys; SET-key ids [0, K), GET-key ids [K, 2K)
+    num_values: int = 16  # recall_stream: V values; SET values [2K, 2K+V), GET answers [2K+V, 2K+2V)
+    p_set: float = 0.25  # recall_stream: probability that a pair is a SET (else a GET of a recent SET)
+    recall_window: int = 0  # recall_stream: a GET asks for a key SET in the last D pairs; 0 = seq_len // 2
+    num_streams: int = 32  # recall_stream: independent training streams (documents)
+    val_streams: int = 8  # recall_stream: independent validation streams (documents)
+    stream_len: int = 65536  # recall_stream: tokens per stream (even)
 
 
 @dataclass
@@ -52,6 +60,11 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
     seed: int = 1234  # batch k on rank r is a pure function of (seed, k, r)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def is_token_stream(self) -> bool:
+        """True when batches are windows of a packed token stream with a validation split (text corpora and
+        synthetic.task=recall_stream), so stream_mode=contiguous and the length diagnostics work."""
+        return self.source != "synthetic" or self.synthetic.task == "recall_stream"
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key. Needs no file access (the lead calls it before training)."""
@@ -82,7 +95,8 @@ class DataConfig:
         need(self.source != "synthetic" or self.mix_prob == 0.0, "mix_prob",
              "mixing needs a text source (stdlib/files/hub), not source=synthetic")
         if self.stream_mode == "contiguous":
-            need(self.source != "synthetic", "stream_mode", "contiguous needs a text stream, not source=synthetic")
+            need(self.is_token_stream(), "stream_mode", "contiguous needs a token stream (a text source or "
+                 "synthetic.task=recall_stream), not source=synthetic")
             need(self.pack, "pack", "stream_mode=contiguous reads one continuous packed stream: set pack=true")
             need(self.mix_prob == 0.0, "mix_prob",
                  "synthetic rows would break the continuity of stream_mode=contiguous")
@@ -106,3 +120,14 @@ class DataConfig:
                 need(2 * syn.copy_len + 1 <= self.seq_len + 1, "synthetic.copy_len",
                      f"copying {syn.copy_len} tokens needs 2*copy_len+1 <= seq_len+1={self.seq_len + 1}")
                 need(self.seq_len >= 2, "seq_len", "copy needs seq_len >= 2")
+            if syn.task == "recall_stream":
+                need(self.source == "synthetic", "synthetic.task",
+                     "recall_stream is a corpus of its own (source=synthetic), it cannot be mixed into text rows")
+                need(syn.num_keys >= 1, "synthetic.num_keys", f"must be >= 1, got {syn.num_keys}")
+                need(syn.num_values >= 1, "synthetic.num_values", f"must be >= 1, got {syn.num_values}")
+                need(0.0 < syn.p_set <= 1.0, "synthetic.p_set", f"must be in (0, 1], got {syn.p_set}")
+                need(syn.recall_window >= 0, "synthetic.recall_window", f"must be >= 0, got {syn.recall_window}")
+                need(syn.num_streams >= 1 and syn.val_streams >= 1, "synthetic.num_streams",
+                     f"num_streams and val_streams must be >= 1, got {syn.num_streams}, {syn.val_streams}")
+                need(syn.stream_len >= 2 and syn.stream_len % 2 == 0, "synthetic.stream_len",
+                     f"must be an even number >= 2 (pairs of tokens), got {syn.stream_len}")

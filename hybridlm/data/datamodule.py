@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hybridlm.data.batches import BatchSource
 from hybridlm.data.config import DataConfig
 from hybridlm.data.corpus import Corpus, load_corpus
+from hybridlm.data.recall_stream import recall_corpus, recall_vocab_size
 from hybridlm.data.tokenizers import check_vocab, load_tokenizer
 
 
@@ -86,7 +87,14 @@ class HybridDataModule(L.LightningDataModule):
         self.cfg = cfg
         self._rank, self._world_size = rank, world_size
         self.tokenizer = load_tokenizer(cfg.tokenizer, cfg.eod_token)
-        check_vocab(self.tokenizer, model_vocab_size)
+        recall = cfg.source == "synthetic" and cfg.synthetic.task == "recall_stream"
+        if recall:  # token ids of its own; the tokenizer is never used
+            if model_vocab_size is not None and recall_vocab_size(cfg.synthetic) > model_vocab_size:
+                raise ValueError(f"data.synthetic: recall_stream uses 2*num_keys+2*num_values="
+                                 f"{recall_vocab_size(cfg.synthetic)} ids, more than the model's vocab_size "
+                                 f"{model_vocab_size}")
+        else:
+            check_vocab(self.tokenizer, model_vocab_size)
         uses_ids = cfg.synthetic.task in ("mqar", "copy") and (cfg.source == "synthetic" or cfg.mix_prob > 0)
         if uses_ids and model_vocab_size is not None and cfg.synthetic.vocab_size > model_vocab_size:
             raise ValueError(f"data.synthetic.vocab_size: {cfg.synthetic.vocab_size} exceeds the model's "
@@ -130,8 +138,9 @@ class HybridDataModule(L.LightningDataModule):
 
     def batch_source(self) -> BatchSource:
         """The BatchSource of this rank (built once per (rank, world_size); checks sizes against the corpus)."""
-        if self.corpus is None and self.cfg.source != "synthetic":
-            self.corpus = load_corpus(self.cfg, self.tokenizer)
+        if self.corpus is None and self.cfg.is_token_stream():
+            self.corpus = load_corpus(self.cfg, self.tokenizer) if self.cfg.source != "synthetic" else \
+                recall_corpus(self.cfg)
         key = self.rank_world()
         if key not in self._sources:
             self._sources[key] = BatchSource(self.cfg, self.tokenizer, self.corpus, *key)

@@ -42,10 +42,11 @@ class LengthEvalCallback(Callback):
         if dm is None:
             raise ValueError(f"eval.diagnostics: {needs} need evaluation sequences: attach a datamodule to the "
                              "trainer or give LengthEvalCallback(sequences=...)")
-        source = getattr(getattr(dm, "cfg", None), "source", None)
-        if source == "synthetic":
-            raise ValueError(f"eval.diagnostics: {needs} need validation text, but data.source=synthetic has none; "
-                             "remove them from eval.diagnostics or give LengthEvalCallback(sequences=...)")
+        data_cfg = getattr(dm, "cfg", None)
+        if data_cfg is not None and not data_cfg.is_token_stream():
+            raise ValueError(f"eval.diagnostics: {needs} need validation text (a token stream), but data.source="
+                             f"synthetic with task {data_cfg.synthetic.task!r} has none; remove them from "
+                             "eval.diagnostics or give LengthEvalCallback(sequences=...)")
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:

@@ -28,6 +28,9 @@ class EvalConfig:
     copy_samples: int = 16
     copy_mode: str = "teacher_forced"  # teacher_forced | greedy (token accuracy either way)
     copy_vocab_size: int = 0  # ids of the copy task (separator = V-1); 0: data.synthetic.vocab_size, else the model's
+    # loss_by_position also reports the loss restricted to positions whose target id is in [lo, hi) (e.g. the
+    # answers of a recall task); empty = off
+    target_id_range: list[int] = field(default_factory=list)
     every_n_val: int = 0  # LengthEvalCallback: run at every N-th validation; 0: only at the end of fit
     at_fit_end: bool = True  # LengthEvalCallback: also run when fit ends
     out_dir: str = "length_eval"  # relative paths are under the run directory (trainer.default_root_dir)
@@ -50,6 +53,9 @@ class EvalConfig:
         need(all(0.0 <= d <= 1.0 for d in self.passkey_depths), "passkey_depths",
              f"values must be in [0, 1], got {list(self.passkey_depths)}")
         need(all(n > 0 for n in self.copy_lengths), "copy_lengths", "values must be > 0")
+        need(len(self.target_id_range) in (0, 2) and (not self.target_id_range or
+                                                      0 <= self.target_id_range[0] < self.target_id_range[1]),
+             "target_id_range", f"must be empty or [lo, hi) with 0 <= lo < hi, got {list(self.target_id_range)}")
         need(self.copy_mode in COPY_MODES, "copy_mode", f"must be one of {list(COPY_MODES)}, got {self.copy_mode!r}")
         need(self.copy_vocab_size == 0 or self.copy_vocab_size >= 3, "copy_vocab_size",
              f"needs >= 3 ids (filler 0, content, separator), got {self.copy_vocab_size}")

@@ -29,28 +29,39 @@ def _mark_train_len(ax, T: int) -> None:
     ax.axvline(T, color="gray", linestyle="--", linewidth=1, label=f"training length T={T}")
 
 
-def loss_by_position_diagnostic(model, seqs: Tensor, T: int, chunk_len: int, batch_size: int) -> Diagnostic:
-    r = loss_by_position(model, seqs, chunk_len, T, batch_size)
+def loss_by_position_diagnostic(model, seqs: Tensor, T: int, chunk_len: int, batch_size: int,
+                                target_range: tuple[int, int] | None = None) -> Diagnostic:
+    r = loss_by_position(model, seqs, chunk_len, T, batch_size, target_range)
     per_pos = r.per_position.tolist()
     # bucket [a, b) of positions = contexts a+1..b tokens; plotted at the geometric centre of that range
     mids = [((a + 1) * b) ** 0.5 for a, b in zip(r.edges[:-1], r.edges[1:])]
+    tg = r.target
 
     def plot(ax):
         ax.plot(range(1, len(per_pos) + 1), per_pos, color="tab:blue", alpha=0.25, linewidth=0.5,
                 label="per position")
         ax.plot(mids, r.bucket_loss, "o-", color="tab:blue", label="log bucket mean")
+        if tg is not None:
+            ax.plot(mids, tg.bucket_loss, "s-", color="tab:orange",
+                    label=f"log bucket mean, targets in [{tg.id_range[0]}, {tg.id_range[1]})")
         _mark_train_len(ax, T)
         ax.set_xscale("log")
         ax.set_xlabel("position (tokens of context)")
         ax.set_ylabel("loss (nats)")
         ax.legend()
 
-    return Diagnostic("loss_by_position", ["bucket_start", "bucket_end", "mean_loss"], r.rows(), plot,
-                      scalars={"last_bucket_over_train_half": r.summary, "loss_within_T": r.loss_within_train_len,
-                               "loss_beyond_T": r.loss_beyond_train_len},
-                      meta={"train_len": T, "eval_len": seqs.shape[1], "n_sequences": seqs.shape[0],
-                            "chunk_len": chunk_len, "per_position": per_pos,
-                            "summary": "mean loss in the last bucket / mean loss over positions [T/2, T)"})
+    columns = ["bucket_start", "bucket_end", "mean_loss"] + (["target_mean_loss"] if tg is not None else [])
+    scalars = {"last_bucket_over_train_half": r.summary, "loss_within_T": r.loss_within_train_len,
+               "loss_beyond_T": r.loss_beyond_train_len}
+    meta = {"train_len": T, "eval_len": seqs.shape[1], "n_sequences": seqs.shape[0], "chunk_len": chunk_len,
+            "per_position": per_pos,
+            "summary": "mean loss in the last bucket / mean loss over positions [T/2, T)"}
+    if tg is not None:
+        scalars.update({"target_last_bucket_over_train_half": tg.summary, "target_loss_within_T":
+                        tg.loss_within_train_len, "target_loss_beyond_T": tg.loss_beyond_train_len})
+        meta.update({"target_id_range": list(tg.id_range), "per_position_target": tg.per_position.tolist(),
+                     "per_position_target_count": tg.count.tolist()})
+    return Diagnostic("loss_by_position", columns, r.rows(), plot, scalars=scalars, meta=meta)
 
 
 def effrem_diagnostic(model, seqs: Tensor, T: int, grid: list[int], chunk_len: int, batch_size: int) -> Diagnostic:
@@ -128,10 +139,14 @@ def copy_diagnostic(model, cfg: EvalConfig, vocab_size: int, chunk_len: int, bat
 
 def _write_per_position(d: Diagnostic, out_dir: Path) -> None:
     """The unbucketed per-position losses, to disk only (too long for a W&B table at 16x T)."""
+    columns, values = ["position", "mean_loss"], [d.meta.pop("per_position")]
+    if "per_position_target" in d.meta:
+        columns += ["target_mean_loss", "target_count"]
+        values += [d.meta.pop("per_position_target"), d.meta.pop("per_position_target_count")]
     with open(out_dir / "loss_by_position_per_position.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["position", "mean_loss"])
-        w.writerows(enumerate(d.meta.pop("per_position")))
+        w.writerow(columns)
+        w.writerows([p, *vals] for p, vals in enumerate(zip(*values)))
 
 
 def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_dir, loggers: Sequence[Logger] = (),
@@ -168,7 +183,8 @@ def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_
     try:
         for name in cfg.diagnostics:
             if name == "loss_by_position":
-                d = loss_by_position_diagnostic(model, seqs, T, chunk, batch)
+                target = tuple(cfg.target_id_range) if cfg.target_id_range else None
+                d = loss_by_position_diagnostic(model, seqs, T, chunk, batch, target)
                 _write_per_position(d, out_dir)
             elif name == "effrem":
                 ET = cfg.effrem_T or T

@@ -1,8 +1,10 @@
-"""Triton kernels run on CPU only under Triton's interpreter, which must be on (TRITON_INTERPRET=1) before triton
-is first imported. Run alone (`pytest tests/kernels`), this conftest switches it on in time. In a larger run some
-module collected earlier (lightning, peft, torch._dynamo) has usually imported triton already; then the kernel
-tests selected in this session run once, together, in a fresh subprocess with the interpreter on, and each test
-reports the outcome it had there (failures show the subprocess's output). Other tests are unaffected either way.
+"""These tests run the Triton kernels on CPU tensors under Triton's interpreter (on a GPU machine too, so results do
+not depend on the hardware). The interpreter must be on (TRITON_INTERPRET=1) before triton is first imported.
+Run alone on a CPU-only machine (`pytest tests/kernels`), this conftest switches it on in time. Otherwise (some
+module collected earlier, e.g. lightning, peft or torch._dynamo, imported triton already; or a GPU is present,
+where other tests need the real compiler) the kernel tests selected in this session run once, together, in a
+fresh subprocess with the interpreter on, and each test reports the outcome it had there (failures show the
+subprocess's output). Other tests are unaffected either way.
 """
 from __future__ import annotations
 
@@ -16,15 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:
+if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 HERE = Path(__file__).parent
 
 
 def _in_process() -> bool:
-    if torch.cuda.is_available():
-        return True
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     lang = sys.modules.get("triton.language")

@@ -9,7 +9,8 @@ from hybridlm.config import register_configs
 from hybridlm.runner import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
+EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
+                     for p in (CONF / "experiment").rglob("*.yaml"))
 # Shrink whatever the experiment sets, keeping its structure (layer pattern, intervention, data mode, adapter).
 TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.ssm.chunk_size=16",
         "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2",

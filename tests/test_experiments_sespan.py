@@ -3,6 +3,7 @@ hybridlm.runner: pretrain -> adapt (SE-Attn + HyLoRA from the pretrained checkpo
 -> evaluate; and the repro script's passkey geometry agrees with the prompts themselves."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,7 @@ def test_pretrain_adapt_evaluate(tmp_path):
 def load_script():
     spec = importlib.util.spec_from_file_location("repro_sespan", REPO / "scripts" / "repro_sespan.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import wandb
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from test_cli import TINY, run_train
@@ -22,7 +21,6 @@ from test_cli import TINY, run_train
 from hybridlm import runner
 from hybridlm.checkpointing import (
     ResumableCSVLogger,
-    RunStateCallback,
     collect_rng_states,
     load_checkpoint_file,
     restore_rng_states,
@@ -195,25 +193,6 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     assert torch.equal(torch.rand(4), expected[0])
     assert np.array_equal(np.random.randn(4), expected[1])
     assert [random.random() for _ in range(4)] == expected[2]
-
-
-def test_wandb_run_id_is_checkpointed_and_resumed(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    wandb.teardown()  # settings cached by an earlier W&B user in this process would apply otherwise
-    root = tmp_path / "exp"
-    common = ["logger=default", "checkpoint.every_n_steps=2", "trainer.val_check_interval=2"]
-    first = train_in_process(root / "run1", [*common, "trainer.max_steps=2"])
-    ckpt = load_checkpoint_file(root / "run1" / "checkpoints" / "last.ckpt")
-    run_id = ckpt["callbacks"][RunStateCallback.__qualname__]["wandb_run_id"]
-    assert run_id and first["wandb"].endswith(run_id)
-    wandb.finish()  # as when the process ends; else W&B hands the next logger the run still open
-    second = train_in_process(root / "run2", [*common, "trainer.max_steps=4", "resume=auto"])
-    wandb.finish()
-    assert second["out_dir"] == str(root / "run1")
-    assert second["wandb"].endswith(run_id)  # W&B would have drawn a new random id without run_id
-    ckpt = load_checkpoint_file(root / "run1" / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == 4
-    assert ckpt["callbacks"][RunStateCallback.__qualname__]["wandb_run_id"] == run_id
 
 
 def test_csv_log_continues_across_a_resume(tmp_path, monkeypatch):

@@ -47,8 +47,19 @@ def setup_threads() -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: VmHWM from /proc/self/status. getrusage's ru_maxrss survives exec, so a child started by a big
+    parent (fork copies the parent's resident pages, then exec) would report the parent's RSS as its own peak.
+    Elsewhere: getrusage (KiB on Linux, bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def current_rss_mb() -> float:

@@ -61,16 +61,14 @@ def fit_exponent(lengths: list[int], times: list[float], min_len: int = 4096) ->
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
-def run(lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536), budget_s: float = 6.0) -> dict:
-    """A series stops growing once one forward takes longer than budget_s (full attention at 64K would take
-    minutes on 2 cores); its exponent is fitted on the lengths it reached."""
+def run(lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536), budget_s: float = 3.0) -> dict:
+    """Median of 3 forwards per point. A series stops growing once a forward takes longer than budget_s (full
+    attention at 64K would take minutes on 2 cores); its exponent is fitted on the lengths it reached."""
     table: dict[str, dict[int, float]] = {name: {} for name in OPS}
     with torch.no_grad():
         for name, make in OPS.items():
             for L in lengths:
-                fn = make(L)
-                first = timeit(fn, 1, warmup=0 if L > 8192 else 1)[0]
-                t = first if first > 1.0 else median([first] + timeit(fn, 2, warmup=0))
+                t = median(timeit(make(L), 3, warmup=1 if L <= 8192 else 0))
                 table[name][L] = t
                 if t > budget_s:
                     break

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from hybridlm import ops
 from hybridlm.checkpointing import (
     AtomicCheckpointIO,
     CheckpointReadError,
@@ -50,6 +51,16 @@ def typed_config(cfg: DictConfig) -> Config:
         return to_config(cfg)
     except (ValueError, OmegaConfBaseException) as e:
         raise ConfigError(str(e)) from e
+
+
+def configure_backends(cfg: Config) -> None:
+    """Pick each op's implementation once, before the model is built; a backend that cannot run here is a
+    config error that says why."""
+    try:
+        ops.configure(cfg.backend)
+    except ops.BackendUnavailableError as e:
+        raise ConfigError(str(e)) from e
+    log.info("op backends:\n%s", ops.describe())
 
 
 def resolve_precision(precision: str) -> str:
@@ -134,6 +145,7 @@ def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
 
 def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = None) -> dict:
     typed = typed_config(cfg)
+    configure_backends(typed)
     if explicit_keys is None:
         in_hydra = HydraConfig.initialized()
         explicit_keys = explicit_model_keys(list(HydraConfig.get().overrides.task)) if in_hydra else set()
@@ -219,6 +231,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     if task_overrides is None:
         task_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     typed = typed_config(cfg)
+    configure_backends(typed)
     if not typed.ckpt_path:
         raise ConfigError("ckpt_path: give the checkpoint to evaluate (a .ckpt file or a checkpoint directory)")
     path = resolve_checkpoint(typed.ckpt_path)

@@ -130,3 +130,10 @@ def test_init_from_refuses_a_conflicting_architecture_override(tmp_path):
                       "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
     assert proc.returncode != 0
     assert "ssm.d_state" in proc.stdout + proc.stderr
+
+
+def test_backend_that_cannot_run_here_fails_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    proc = run_train(["backend=triton", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert "backend 'triton'" in proc.stderr and "TRITON_INTERPRET" in proc.stderr, proc.stderr[-2000:]

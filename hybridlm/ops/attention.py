@@ -5,6 +5,7 @@ key index i + (Lk - Lq). A query sees key j iff j <= its own index and (window i
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,8 +36,12 @@ def window_attention_torch(
     gqa = k.shape[1] != h
     if lq == lk and window is None and lq * lk <= _MAX_SCORES:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=softmax_scale, enable_gqa=gqa)
-    # Query blocks: each sees at most block + window keys, so sliding-window cost is linear in length.
-    block = max(1, min(lq, _MAX_SCORES // max(1, min(lk, (window or lk) + lq))))
+    # Query blocks bound the scores held at once. A sliding-window block sees at most block + window - 1 keys, and
+    # its size depends on the window only, so the number of blocks (and the cost) grows linearly with length.
+    if window is None:
+        block = max(1, min(lq, _MAX_SCORES // lk))
+    else:
+        block = max(1, min(lq, _MAX_SCORES // (2 * window), math.isqrt(_MAX_SCORES)))
     outs = []
     for s in range(0, lq, block):
         e = min(lq, s + block)

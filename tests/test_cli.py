@@ -137,3 +137,14 @@ def test_backend_that_cannot_run_here_fails_with_the_reason(tmp_path, monkeypatc
     proc = run_train(["backend=triton", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False, timeout=120)
     assert proc.returncode != 0
     assert "backend 'triton'" in proc.stderr and "TRITON_INTERPRET" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_optuna_search_with_the_joblib_launcher(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "+hparams_search=optuna_lr", "hydra.sweeper.n_trials=2", "hydra/launcher=joblib",
+                      "hydra.launcher.n_jobs=2", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2",
+                      "logger=csv", f"hydra.sweep.dir={sweep}"], tmp_path)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [r["status"] for r in summary] == ["ok", "ok"]
+    assert all(any(o.startswith("optim.lr=") for o in r["overrides"].split()) for r in summary)
+    assert (sweep / "optimization_results.yaml").is_file(), proc.stdout[-2000:]

@@ -209,7 +209,12 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     result = {"out_dir": str(out_dir), "metrics": metrics, "seconds": round(time.time() - start, 1),
               "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
               "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
-              "wandb": wandb_run_dir(loggers)}
+              "wandb": wandb_run_dir(loggers), "adapter": None}
+    if trainer.is_global_zero and typed.adapter.name not in ("none", "full"):
+        from hybridlm.adapters import save_adapter
+
+        # The adapter alone (LoRA weights + the recipe's trainable base parameters): small and portable.
+        result["adapter"] = str(save_adapter(model, out_dir / "adapter.safetensors"))
     if trainer.is_global_zero:
         report(result)
     return result
@@ -287,6 +292,7 @@ def report(result: dict) -> None:
              f"checkpoint {result['checkpoint']}" if result["checkpoint"] else None,
              f"CSV log {result['csv']}" if result["csv"] else None,
              f"length report {result['report']}" if result.get("report") else None,
+             f"adapter {result['adapter']}" if result.get("adapter") else None,
              (f"W&B run {result['wandb']}" + (" (offline: upload with `wandb sync " + result["wandb"] + "`)"
                                              if "offline-run" in result["wandb"] else "")) if result["wandb"] else None]
     print(f"hybridlm: done in {result['seconds']:.0f}s; outputs in {result['out_dir']}: "

@@ -43,4 +43,7 @@ def test_experiment_composes_and_trains_two_steps(name, tmp_path):
         cfg = compose_experiment(name, [f"init_from={base['checkpoint']}"])
     result = train(cfg, tmp_path / "run", set())
     assert Path(result["checkpoint"]).is_file()
+    if cfg.adapter.name not in ("none", "full"):  # adapter runs also save the adapter alone, and it loads back
+        from hybridlm.adapters import read_adapter_config
+        assert read_adapter_config(result["adapter"]).name == cfg.adapter.name
     assert result["metrics"]["train/loss"] == result["metrics"]["train/loss"]  # finite, not NaN

@@ -29,7 +29,7 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 400
+    max_steps: int = 300
     val_check_interval: int = 100  # optimizer-independent: every N training batches
     limit_val_batches: int = 8
     accumulate_grad_batches: int = 1

@@ -116,6 +116,8 @@ def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
         load_state_dict_checked(model, sd, source=cfg.init_from)
         log.info("initialised from %s", cfg.init_from)
     if cfg.adapter.name != "none":
+        if not cfg.init_from:
+            log.warning("adapter=%s without init_from: adapting a randomly initialised model", cfg.adapter.name)
         apply_adapter(model, cfg.adapter)
         log.info("adapter %s: trainable parameters\n%s", cfg.adapter.name,
                  format_parameter_table(trainable_parameter_table(model)))

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from hybridlm.config import register_configs
 from hybridlm.runner import train
@@ -36,11 +35,6 @@ def test_there_are_experiments():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_composes_and_trains_two_steps(name, tmp_path):
     cfg = compose_experiment(name)
-    if OmegaConf.is_missing(cfg, "init_from"):
-        # A post-training recipe: give it a checkpoint of the same (shrunk) model from a 2-step run.
-        base = train(compose_experiment(name, ["init_from=null", "adapter=none", "intervention=none",
-                                               "data.stream_mode=random"]), tmp_path / "base", set())
-        cfg = compose_experiment(name, [f"init_from={base['checkpoint']}"])
     result = train(cfg, tmp_path / "run", set())
     assert Path(result["checkpoint"]).is_file()
     if cfg.adapter.name not in ("none", "full"):  # adapter runs also save the adapter alone, and it loads back

@@ -35,7 +35,7 @@ from hybridlm.eval import LengthEvalCallback
 from hybridlm.guards import NonFiniteGuard
 from hybridlm.interventions import build_intervention
 from hybridlm.lit import HybridLMModule
-from hybridlm.logging import build_loggers, wandb_run_dir
+from hybridlm.logging import build_loggers, finish_wandb, wandb_run_dir
 from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger("hybridlm")
@@ -180,45 +180,50 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     module = HybridLMModule(typed, model=model)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}",
                             run_id=resume.wandb_run_id if resume else None)
-    ckpt_dir = out_dir / "checkpoints"
-    t = typed.trainer
-    trainer = L.Trainer(
-        default_root_dir=str(out_dir),
-        max_steps=t.max_steps,
-        val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches,
-        accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val or None,
-        precision=resolve_precision(t.precision),
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        num_nodes=t.num_nodes,
-        log_every_n_steps=t.log_every_n_steps,
-        enable_progress_bar=t.enable_progress_bar,
-        fast_dev_run=t.fast_dev_run,
-        deterministic=t.deterministic,
-        logger=loggers or False,
-        callbacks=build_callbacks(typed, ckpt_dir),
-        plugins=[AtomicCheckpointIO()],
-        num_sanity_val_steps=0,
-    )
-    start = time.time()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    save_final_checkpoint(trainer, ckpt_dir / "last.ckpt")
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    result = {"out_dir": str(out_dir), "metrics": metrics, "seconds": round(time.time() - start, 1),
-              "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
-              "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
-              "wandb": wandb_run_dir(loggers), "adapter": None}
-    if trainer.is_global_zero and typed.adapter.name not in ("none", "full"):
-        from hybridlm.adapters import save_adapter
+    failed = True
+    try:
+        ckpt_dir = out_dir / "checkpoints"
+        t = typed.trainer
+        trainer = L.Trainer(
+            default_root_dir=str(out_dir),
+            max_steps=t.max_steps,
+            val_check_interval=t.val_check_interval,
+            check_val_every_n_epoch=None,
+            limit_val_batches=t.limit_val_batches,
+            accumulate_grad_batches=t.accumulate_grad_batches,
+            gradient_clip_val=t.gradient_clip_val or None,
+            precision=resolve_precision(t.precision),
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            log_every_n_steps=t.log_every_n_steps,
+            enable_progress_bar=t.enable_progress_bar,
+            fast_dev_run=t.fast_dev_run,
+            deterministic=t.deterministic,
+            logger=loggers or False,
+            callbacks=build_callbacks(typed, ckpt_dir),
+            plugins=[AtomicCheckpointIO()],
+            num_sanity_val_steps=0,
+        )
+        start = time.time()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        save_final_checkpoint(trainer, ckpt_dir / "last.ckpt")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+        result = {"out_dir": str(out_dir), "metrics": metrics, "seconds": round(time.time() - start, 1),
+                  "checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
+                  "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
+                  "wandb": wandb_run_dir(loggers), "adapter": None}
+        if trainer.is_global_zero and typed.adapter.name not in ("none", "full"):
+            from hybridlm.adapters import save_adapter
 
-        # The adapter alone (LoRA weights + the recipe's trainable base parameters): small and portable.
-        result["adapter"] = str(save_adapter(model, out_dir / "adapter.safetensors"))
-    if trainer.is_global_zero:
-        report(result)
+            # The adapter alone (LoRA weights + the recipe's trainable base parameters): small and portable.
+            result["adapter"] = str(save_adapter(model, out_dir / "adapter.safetensors"))
+        if trainer.is_global_zero:
+            report(result)
+        failed = False
+    finally:
+        finish_wandb(loggers, failed)  # also when training raised: the W&B run is marked failed
     return result
 
 
@@ -258,23 +263,29 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     module = HybridLMModule(typed, model=model)
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")
-    trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False, accelerator=typed.trainer.accelerator,
-                        devices=1, precision=resolve_precision(typed.trainer.precision),
-                        limit_val_batches=typed.trainer.limit_val_batches,
-                        enable_progress_bar=typed.trainer.enable_progress_bar)
-    start = time.time()
-    metrics = trainer.validate(module, datamodule=datamodule)[0] if typed.data.val_batches else {}
-    report_dir = None
-    if typed.eval.diagnostics:
-        datamodule.setup("validate")
-        report_dir = out_dir / typed.eval.out_dir
-        for name, scalars in run_length_report(module.model, datamodule, typed.eval, report_dir, loggers).items():
-            metrics.update({f"length_eval/{name}/{k}": v for k, v in scalars.items()})
-    result = {"out_dir": str(out_dir), "metrics": {k: float(v) for k, v in metrics.items()},
-              "seconds": round(time.time() - start, 1), "checkpoint": None,
-              "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
-              "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
-    report(result)
+    failed = True
+    try:
+        trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False,
+                            accelerator=typed.trainer.accelerator, devices=1,
+                            precision=resolve_precision(typed.trainer.precision),
+                            limit_val_batches=typed.trainer.limit_val_batches,
+                            enable_progress_bar=typed.trainer.enable_progress_bar)
+        start = time.time()
+        metrics = trainer.validate(module, datamodule=datamodule)[0] if typed.data.val_batches else {}
+        report_dir = None
+        if typed.eval.diagnostics:
+            datamodule.setup("validate")
+            report_dir = out_dir / typed.eval.out_dir
+            for name, scalars in run_length_report(module.model, datamodule, typed.eval, report_dir, loggers).items():
+                metrics.update({f"length_eval/{name}/{k}": v for k, v in scalars.items()})
+        result = {"out_dir": str(out_dir), "metrics": {k: float(v) for k, v in metrics.items()},
+                  "seconds": round(time.time() - start, 1), "checkpoint": None,
+                  "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
+                  "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
+        report(result)
+        failed = False
+    finally:
+        finish_wandb(loggers, failed)
     return result
 
 

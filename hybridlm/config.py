@@ -92,9 +92,18 @@ class Config:
     ckpt_path: Optional[str] = None  # evaluation: the checkpoint to evaluate
     resume: Optional[str] = None  # "auto" (newest last.ckpt of this experiment) or a checkpoint path
     compile: bool = False
+    # Top-level keys the chosen experiment cannot run without (e.g. [init_from] for post-training). `???` cannot
+    # say it: an experiment file's `???` does not replace the schema's default None when the configs merge.
+    required: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         """Value checks that types cannot express; each message starts with the offending key."""
+        for key in self.required:
+            if not hasattr(self, key):
+                raise ValueError(f"required: unknown key {key!r}")
+            if getattr(self, key) in (None, ""):
+                raise ValueError(f"{key}: experiment {self.experiment_name!r} needs it; set {key}=... on the "
+                                 "command line")
         self.model.validate()
         for sub in (self.data, self.intervention, self.adapter, self.backend, self.eval):
             if hasattr(sub, "validate"):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hybridlm.config import register_configs
+from hybridlm.config import register_configs, to_config
 from hybridlm.runner import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -15,6 +15,8 @@ TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "mod
         "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2",
         "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
         "logger=csv", "eval.every_n_val=0", "eval.at_fit_end=false", "checkpoint.save_best=false"]
+# Experiments that continue a trained model (`required: [init_from]`), and the experiment that trains it.
+STARTS_FROM = {"lengthgen/post_train": "lengthgen/baseline", "sespan/adapt": "sespan/pretrain"}
 
 
 def compose_experiment(name, extra=()):
@@ -32,9 +34,30 @@ def test_there_are_experiments():
     assert any(e.startswith("lengthgen/") for e in EXPERIMENTS) and any(e.startswith("sespan/") for e in EXPERIMENTS)
 
 
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """The last.ckpt of an experiment trained for two steps, trained once per module."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name.replace("/", "_"))
+            done[name] = train(compose_experiment(name), out / "run", set())["checkpoint"]
+        return done[name]
+    return get
+
+
+def test_experiments_that_continue_a_model_refuse_to_start_without_one():
+    assert {e for e in EXPERIMENTS if "init_from" in compose_experiment(e).required} == set(STARTS_FROM)
+    for name in STARTS_FROM:
+        with pytest.raises(ValueError, match=r"^init_from: experiment '\w+' needs it; set init_from=\.\.\."):
+            to_config(compose_experiment(name))
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_trains_two_steps(name, tmp_path):
-    cfg = compose_experiment(name)
+def test_experiment_composes_and_trains_two_steps(name, tmp_path, trained_checkpoint):
+    start = [f"init_from={trained_checkpoint(STARTS_FROM[name])}"] if name in STARTS_FROM else []
+    cfg = compose_experiment(name, start)
     result = train(cfg, tmp_path / "run", set())
     assert Path(result["checkpoint"]).is_file()
     if cfg.adapter.name not in ("none", "full"):  # adapter runs also save the adapter alone, and it loads back

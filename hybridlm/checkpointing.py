@@ -3,9 +3,11 @@ loop counters, data position and callback states are Lightning's).
 
 - AtomicCheckpointIO: write a temporary file, fsync, rename; a crash never leaves a half-written checkpoint
   under the real name. Reading uses torch.load(weights_only=True): a checkpoint is data and never runs code.
-- find_resume_checkpoint (resume=auto) skips an unreadable checkpoint with a warning; load_checkpoint_file
-  (resume=<path>, and Lightning's restore) refuses one with an error naming the file and the previous one.
+- find_resume_checkpoint (resume=auto, over the runs runner.resume_candidates picks) skips an unreadable
+  checkpoint with a warning; load_checkpoint_file (resume=<path>, and Lightning's restore) refuses one with an
+  error naming the file and the previous one.
 - save_final_checkpoint: last.ckpt holds the final step of a finished run.
+- StepCheckpoint: a checkpoint due on a step that validation follows is written after that validation.
 - RunStateCallback: per-batch seeds for the global RNGs (what makes a resume exact), their states and
   the W&B run id in every checkpoint.
 - ResumableCSVLogger + truncate_csv_log: a resumed run continues the CSV log of the run it resumes.
@@ -20,12 +22,12 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -96,11 +98,12 @@ def previous_checkpoint_hint(path: Path) -> str:
     return f"; the previous checkpoint is {max(older, key=lambda p: p.stat().st_mtime)}"
 
 
-def find_resume_checkpoint(experiment_root: Path) -> Optional[Path]:
-    """The newest readable checkpoint under experiment_root/*/checkpoints/ (last.ckpt is written right after
+def find_resume_checkpoint(run_dirs: Iterable[Path]) -> Optional[Path]:
+    """The newest readable checkpoint in run_dir/checkpoints/ of the given runs (last.ckpt is written right after
     the step checkpoint it copies, so it is normally the newest). Unreadable ones are skipped with a warning,
     so a corrupt last.ckpt falls back to the same run's previous step checkpoint, then to older runs."""
-    candidates = sorted(experiment_root.glob("*/checkpoints/*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    candidates = sorted((c for d in run_dirs for c in (Path(d) / "checkpoints").glob("*.ckpt")),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
     for ckpt in candidates:
         try:
             load_checkpoint_file(ckpt, mmap=True)
@@ -131,6 +134,48 @@ def save_final_checkpoint(trainer, path: Path) -> None:
     stale = not path.is_file() or resume_point(path).global_step != trainer.global_step
     if trainer.strategy.broadcast(stale):  # rank 0 decides: save_checkpoint is collective under DDP
         trainer.save_checkpoint(path)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint by steps or wall time that never resumes past a validation that did not run. Lightning
+    saves a step checkpoint before the validation due on the same step, and a run resumed from it skips that
+    validation: killed in between, the run would lose it. Such a save is deferred to the end of the validation
+    with Lightning's own deferral (used when a monitored metric is missing); a run resumed from there goes on
+    after the validation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._validation_follows = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._validation_follows = validation_follows(trainer)
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._validation_follows = False
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._validation_follows:
+            self._defer_save_until_validation = True  # on_validation_end saves top-k and last
+        else:
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self._validation_follows:
+            self._defer_save_until_validation = True
+        else:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+
+def validation_follows(trainer) -> bool:
+    """Whether a validation with at least one batch runs right after the current training batch (the test the
+    training loop makes after on_train_batch_end)."""
+    loop = trainer.fit_loop.epoch_loop
+    if not (trainer.enable_validation and not loop._skip_next_val
+            and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
+        return False
+    loop.val_loop.setup_data()  # what the validation does first (once); tells whether it has batches to run
+    return not loop.val_loop.skip
 
 
 # ------------------------------------------------------------------------------------------------ RNG + run id

@@ -24,6 +24,7 @@ from hybridlm.checkpointing import (
     AtomicCheckpointIO,
     CheckpointReadError,
     RunStateCallback,
+    StepCheckpoint,
     find_resume_checkpoint,
     load_checkpoint_file,
     resume_point,
@@ -129,7 +130,7 @@ def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
     callbacks: list[Callback] = [
         RunStateCallback(cfg.seed),  # first: seeds the global RNGs before any other callback draws
         NonFiniteGuard(cfg.guard),
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+        StepCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
                         save_last=True, save_top_k=c.keep_last, monitor="step", mode="max",
                         every_n_train_steps=c.every_n_steps or None,
                         train_time_interval=timedelta(minutes=c.every_n_minutes) if c.every_n_minutes else None),
@@ -153,12 +154,16 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
         explicit_keys = explicit_model_keys(list(HydraConfig.get().overrides.task)) if in_hydra else set()
     resume_ckpt: Optional[Path] = None
     if typed.resume == "auto":
-        resume_ckpt = find_resume_checkpoint(out_dir.parent)
+        same_run, others = resume_candidates(out_dir)
+        resume_ckpt = find_resume_checkpoint(same_run)
         if resume_ckpt is not None:
             out_dir = resume_ckpt.parent.parent  # continue in the run's own directory
             log.info("resume=auto: continuing from %s", resume_ckpt)
         else:
-            log.info("resume=auto: no checkpoint of experiment %r found, starting fresh", typed.experiment_name)
+            log.info("resume=auto: no checkpoint of an earlier run of experiment %r with these overrides, starting "
+                     "fresh%s", typed.experiment_name,
+                     f" ({len(others)} run(s) of it with other overrides left alone; resume=<checkpoint> continues "
+                     "one of them)" if others else "")
     elif typed.resume:
         resume_ckpt = Path(typed.resume)
         if not resume_ckpt.is_file():
@@ -289,6 +294,38 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     return result
 
 
+# Overrides a resumed run may change without becoming another run: where it writes, how long it trains, resume.
+RESUME_FREE_KEYS = ("resume", "trainer.max_steps", "trainer.enable_progress_bar")
+
+
+def run_identity(overrides: list[str]) -> list[str]:
+    """What makes two launches the same run for resume=auto: their overrides, minus hydra.* and RESUME_FREE_KEYS."""
+    def free(ov: str) -> bool:
+        key = ov.lstrip("+~").partition("=")[0]
+        return key.startswith(("hydra.", "hydra/")) or key in RESUME_FREE_KEYS
+
+    return sorted(ov for ov in overrides if not free(ov))
+
+
+def resume_candidates(out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(run directories resume=auto may continue, other runs of the experiment). Under Hydra: the earlier single
+    runs and multirun jobs of this experiment launched with the same overrides (each run's .hydra/overrides.yaml),
+    so a multirun job continues its own earlier job, never a sibling's. Called directly (no Hydra): the runs
+    beside out_dir."""
+    if not HydraConfig.initialized():
+        return ([d for d in out_dir.parent.iterdir() if d.is_dir()] if out_dir.parent.is_dir() else []), []
+    hc = HydraConfig.get()
+    identity = run_identity(list(hc.overrides.task))
+    runs = [d for d in [*Path(hc.run.dir).parent.glob("*"), *Path(hc.sweep.dir).parent.glob("*/*")]
+            if (d / "checkpoints").is_dir() and d.resolve() != out_dir.resolve()]
+    same, others = [], []
+    for d in runs:
+        recorded = d / str(hc.output_subdir) / "overrides.yaml"
+        same_run = recorded.is_file() and run_identity(list(OmegaConf.load(recorded))) == identity
+        (same if same_run else others).append(d)
+    return same, others
+
+
 def ensure_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,13 +353,13 @@ def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
     """Runs one job. In a multirun a failure is recorded in the job's result.json and the sweep goes on;
     in a single run it stops the program with the error (config errors without a traceback)."""
     hc = HydraConfig.get()
-    out_dir = Path(hc.runtime.output_dir)
+    job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    record = {"overrides": list(hc.overrides.task), "status": "ok", "error": None, "metrics": {}}
+    record = {"overrides": list(hc.overrides.task), "status": "ok", "error": None, "metrics": {},
+              "out_dir": str(job_dir)}
     try:
-        result = fn(cfg, out_dir)
-        record["metrics"] = result.get("metrics", {})
-        out_dir = Path(result.get("out_dir", out_dir))
+        result = fn(cfg, job_dir)
+        record.update(metrics=result.get("metrics", {}), out_dir=result.get("out_dir", str(job_dir)))
     except Exception as e:  # noqa: BLE001
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         if not multirun:
@@ -331,6 +368,10 @@ def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
             raise
         log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
     finally:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and out_dir.exists():
-            (out_dir / "result.json").write_text(json.dumps(record, indent=2))
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            # In the job's directory, where the sweep summary reads it, and in the run's own directory when a
+            # resumed run went on there.
+            for d in {job_dir, Path(record["out_dir"])}:
+                if d.exists():
+                    (d / "result.json").write_text(json.dumps(record, indent=2))
     return float(record["metrics"].get("val/loss", float("nan")))

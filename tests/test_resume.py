@@ -3,6 +3,7 @@ restarted with resume=auto logs the same per-step losses, bit for bit, as a run 
 with the same weights and optimizer state. Plus the pieces that make it so: global RNG states and the W&B
 run id in the checkpoint, and a CSV log that continues across the resume."""
 import csv
+import json
 import os
 import random
 import signal
@@ -139,6 +140,34 @@ def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
           f"{STEPS} train losses bitwise equal")
 
 
+def test_resume_auto_in_a_multirun_continues_each_jobs_own_run(tmp_path):
+    """A killed sweep relaunched with resume=auto (and more steps): every job continues the earlier job with its
+    own overrides, in that job's directory, and the new sweep's summary still lists every job."""
+    root = tmp_path / "multirun" / "exp"
+    sweep = ["-m", *TINY, "logger=csv", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2",
+             "trainer.val_check_interval=2", "intervention=none,state_passing"]
+    run_train([*sweep, "trainer.max_steps=2", f"hydra.sweep.dir={root / 's1'}"], tmp_path)
+    run_train([*sweep, "trainer.max_steps=4", "resume=auto", f"hydra.sweep.dir={root / 's2'}"], tmp_path)
+    for job, intervention in enumerate(["none", "state_passing"]):
+        ckpt = load_checkpoint_file(root / "s1" / str(job) / "checkpoints" / "last.ckpt")
+        assert ckpt["global_step"] == 4
+        assert ckpt["hyper_parameters"]["cfg"]["intervention"]["name"] == intervention
+        assert not (root / "s2" / str(job) / "checkpoints").exists()
+    summary = json.loads((root / "s2" / "summary.json").read_text())
+    assert [r["status"] for r in summary] == ["ok", "ok"]
+    results = [json.loads((root / "s2" / job / "result.json").read_text()) for job in ("0", "1")]
+    assert [r["out_dir"] for r in results] == [str(root / "s1" / "0"), str(root / "s1" / "1")]
+
+
+def test_run_identity_ignores_what_a_resume_may_change():
+    launch = ["+experiment=lengthgen/tbtt", "optim.lr=1e-3", "hydra.run.dir=out/a", "trainer.max_steps=10"]
+    resumed = ["optim.lr=1e-3", "+experiment=lengthgen/tbtt", "resume=auto", "trainer.max_steps=20",
+               "hydra.run.dir=out/b", "hydra/launcher=joblib", "trainer.enable_progress_bar=false"]
+    assert runner.run_identity(launch) == runner.run_identity(resumed) == ["+experiment=lengthgen/tbtt",
+                                                                            "optim.lr=1e-3"]
+    assert runner.run_identity([*launch, "optim.lr=2e-3"]) != runner.run_identity(launch)
+
+
 @pytest.mark.parametrize("intervention", ["random_noise", "fitted_noise"])
 def test_noise_interventions_resume_bitwise_in_process(tmp_path, intervention):
     """The noise callbacks draw from their own checkpointed generators, fitted_noise from checkpointed
@@ -180,6 +209,39 @@ def test_global_rngs_draw_the_same_numbers_after_a_resume(tmp_path, monkeypatch)
     assert sorted(resumed.draws) == [4, 5, 6, 7]
     assert all(resumed.draws[s] == full.draws[s] for s in resumed.draws)
     assert full.draws[4] != full.draws[0]  # without the restore, the reseeded run would draw step 0's numbers
+
+
+class CheckpointsSeenByValidation(Callback):
+    """The step checkpoints on disk when each validation starts."""
+
+    def __init__(self, ckpt_dir):
+        self.ckpt_dir, self.seen = Path(ckpt_dir), {}
+
+    def on_validation_start(self, trainer, pl_module):
+        self.seen[trainer.global_step] = sorted(p.name for p in self.ckpt_dir.glob("step*.ckpt"))
+
+
+@pytest.mark.parametrize("val_batches", [2, 0])
+def test_a_checkpoint_due_on_a_validation_step_is_written_after_the_validation(tmp_path, monkeypatch, val_batches):
+    """Written before it, the checkpoint of step 4 would let a run killed during that validation resume after
+    it: the validation would never run. Without validation batches, checkpoints stay on their steps."""
+    common = ["trainer.max_steps=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=8",
+              "trainer.val_check_interval=4", f"data.val_batches={val_batches}"]
+    seen = CheckpointsSeenByValidation(tmp_path / "full" / "checkpoints")
+    train_in_process(tmp_path / "full", common, monkeypatch, [seen])
+    steps = sorted(int(p.stem[4:]) for p in (tmp_path / "full" / "checkpoints").glob("step*.ckpt"))
+    assert steps == [2, 4, 6, 8]
+    if not val_batches:
+        assert seen.seen == {} and not per_step(csv_rows(tmp_path / "full"), "val/loss")
+        return
+    assert seen.seen == {4: ["step000002.ckpt"], 8: ["step000002.ckpt", "step000004.ckpt", "step000006.ckpt"]}
+    monkeypatch.undo()
+    train_in_process(tmp_path / "resumed", [*common, f"resume={tmp_path / 'full/checkpoints/step000004.ckpt'}"])
+    full, resumed = csv_rows(tmp_path / "full"), csv_rows(tmp_path / "resumed")
+    # The validation after step 4 is logged at step 3 (the index of the batch it follows) by the original run.
+    assert sorted(per_step(full, "val/loss")) == [3, 7] and sorted(per_step(resumed, "val/loss")) == [7]
+    assert per_step(resumed, "val/loss")[7] == per_step(full, "val/loss")[7]
+    assert per_step(resumed, "train/loss") == {s: v for s, v in per_step(full, "train/loss").items() if s >= 4}
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -110,11 +110,11 @@ def test_resume_auto_falls_back_to_an_older_run(tmp_path, caplog):
     fake_checkpoint(tmp_path / "new" / "checkpoints" / "step000002.ckpt", 2, now - 20)
     fake_checkpoint(tmp_path / "new" / "checkpoints" / "last.ckpt", 6, now - 10)
     truncate(tmp_path / "new" / "checkpoints" / "last.ckpt")
-    assert find_resume_checkpoint(tmp_path) == tmp_path / "new" / "checkpoints" / "step000002.ckpt"
+    assert find_resume_checkpoint(tmp_path.iterdir()) == tmp_path / "new" / "checkpoints" / "step000002.ckpt"
     (tmp_path / "new" / "checkpoints" / "step000002.ckpt").write_bytes(b"")
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        assert find_resume_checkpoint(tmp_path) == tmp_path / "old" / "checkpoints" / "last.ckpt"
+        assert find_resume_checkpoint(tmp_path.iterdir()) == tmp_path / "old" / "checkpoints" / "last.ckpt"
     assert sum("skipping" in r.getMessage() for r in caplog.records) == 2
 
 

@@ -21,6 +21,7 @@ import random
 import re
 import tempfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -137,14 +138,19 @@ def save_final_checkpoint(trainer, path: Path) -> None:
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint by steps or wall time that never resumes past a validation that did not run. Lightning
+    """ModelCheckpoint by steps and/or wall time that never resumes past a validation that did not run. Lightning
     saves a step checkpoint before the validation due on the same step, and a run resumed from it skips that
     validation: killed in between, the run would lose it. Such a save is deferred to the end of the validation
     with Lightning's own deferral (used when a monitored metric is missing); a run resumed from there goes on
     after the validation."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, every_n_train_steps: Optional[int] = None,
+                 train_time_interval: Optional[timedelta] = None, **kwargs: Any) -> None:
+        # Both triggers at once (every N steps, and at least every T minutes): Lightning's constructor refuses the
+        # pair, though its batch-end test handles both, so the time trigger is set after it.
+        super().__init__(*args, every_n_train_steps=every_n_train_steps,
+                         train_time_interval=None if every_n_train_steps else train_time_interval, **kwargs)
+        self._train_time_interval = train_time_interval
         self._validation_follows = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:

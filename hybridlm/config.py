@@ -59,7 +59,7 @@ class LoggerConfig:
 @dataclass
 class CheckpointConfig:
     every_n_steps: int = 0  # 0: only at validation / end of training
-    every_n_minutes: float = 0.0  # 0: off
+    every_n_minutes: float = 0.0  # 0: off; with every_n_steps, whichever comes first
     keep_last: int = 2
     save_best: bool = True
     monitor: str = "val/loss"
@@ -125,9 +125,8 @@ class Config:
              f"must be auto, online or offline, got {self.logger.wandb_mode!r}"),
             (self.logger.wandb_init_timeout > 0, "logger.wandb_init_timeout", "must be positive"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
-            (not (self.checkpoint.every_n_steps and self.checkpoint.every_n_minutes), "checkpoint.every_n_minutes",
-             "set either checkpoint.every_n_steps or checkpoint.every_n_minutes, not both (Lightning's "
-             "ModelCheckpoint takes one trigger)"),
+            (self.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0 (0: off)"),
+            (self.checkpoint.every_n_minutes >= 0, "checkpoint.every_n_minutes", "must be >= 0 (0: off)"),
             (self.guard.on_nonfinite in ("skip", "stop"), "guard.on_nonfinite",
              f"must be skip or stop, got {self.guard.on_nonfinite!r}"),
             (self.guard.max_consecutive >= 1, "guard.max_consecutive", "must be >= 1"),

@@ -62,9 +62,20 @@ def test_last_checkpoint_holds_the_final_step(tmp_path):
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 5  # not 4, the last periodic one
 
 
-def test_step_and_time_triggers_together_are_refused(tmp_path):
-    with pytest.raises(runner.ConfigError, match="checkpoint.every_n_minutes"):
-        train_in_process(tmp_path / "run", ["checkpoint.every_n_steps=2", "checkpoint.every_n_minutes=5"])
+@pytest.mark.parametrize("every_n_steps, every_n_minutes, steps", [(2, 5, [2, 4]), (100, 1e-6, [1, 2, 3, 4, 5])])
+def test_step_and_time_triggers_together(tmp_path, every_n_steps, every_n_minutes, steps):
+    """Every N steps and at least every T minutes: either trigger saves (5 minutes never elapse here; 60 us
+    always do)."""
+    run = tmp_path / "run"
+    train_in_process(run, ["trainer.max_steps=5", f"checkpoint.every_n_steps={every_n_steps}",
+                           f"checkpoint.every_n_minutes={every_n_minutes}", "checkpoint.keep_last=10",
+                           "checkpoint.save_best=false", "trainer.val_check_interval=100"])
+    assert ckpt_names(run) == ["last.ckpt", *(f"step{s:06d}.ckpt" for s in steps)]
+
+
+def test_negative_checkpoint_interval_is_refused(tmp_path):
+    with pytest.raises(runner.ConfigError, match="checkpoint.every_n_minutes: must be >= 0"):
+        train_in_process(tmp_path / "run", ["checkpoint.every_n_minutes=-1"])
     assert not (tmp_path / "run").exists()
 
 

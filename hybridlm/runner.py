@@ -1,9 +1,11 @@
 """What `python -m hybridlm.train` does, kept apart from the Hydra entry point so tests can call it."""
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -146,7 +148,21 @@ def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def end_with_launcher() -> None:
+    """Make a DDP rank > 0 die with the process that launched it. Lightning starts those ranks as children of
+    rank 0's process; when that one is killed (kill -9, the OOM killer), they could otherwise wait in a
+    collective until its timeout (30 minutes by default with NCCL), holding their memory and the GPU."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # prctl option from <linux/prctl.h>: a signal for this process when its parent dies
+    if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
+        log.warning("could not ask Linux to end this rank with its launcher (errno %d)", ctypes.get_errno())
+    elif os.getppid() == 1:  # the launcher died before the request: nobody is left to train with
+        os._exit(1)
+
+
 def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = None) -> dict:
+    end_with_launcher()
     typed = typed_config(cfg)
     configure_backends(typed)
     if explicit_keys is None:

@@ -1,9 +1,12 @@
 """The command line end to end, through real subprocesses: `python -m hybridlm.train ...`."""
+import contextlib
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +76,82 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
     assert any(r.get("val/loss") for r in rows)
+
+
+def child_pids(pid):
+    """Live (not zombie) processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rank 1 ends with its parent through Linux prctl")
+def test_ddp_rank_one_ends_when_rank_zero_is_killed(tmp_path):
+    """`kill -9` of a DDP run's main process (rank 0) must not leave rank 1 behind. With gloo, rank 1 also sees
+    the closed connection; with NCCL it would wait out the collective's timeout: the test below covers that."""
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "out.log", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "hybridlm.train", *TINY, "trainer=ddp_cpu", "logger=csv",
+                                 "trainer.max_steps=100000", "trainer.val_check_interval=100000",
+                                 "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
+                                cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((run_dir / "csv" / "metrics.csv").is_file() and child_pids(proc.pid)):  # both ranks training
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.1)
+        rank_one = child_pids(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while any(alive(p) for p in rank_one) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in rank_one), "rank 1 outlived rank 0"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="rank 1 ends with its parent through Linux prctl")
+def test_a_rank_above_zero_ends_with_the_process_that_launched_it(tmp_path):
+    """A rank that is not in a collective (as an NCCL rank waiting out its timeout is not woken) dies with its
+    launcher: a stand-in rank 1 sleeps after runner.end_with_launcher(), its launcher is killed."""
+    rank = "from hybridlm.runner import end_with_launcher; end_with_launcher(); print(flush=True); time.sleep(300)"
+    launcher = ("import os, subprocess, sys, time\n"
+                f"child = subprocess.Popen([sys.executable, '-c', 'import time; {rank}'],\n"
+                "                         env={**os.environ, 'LOCAL_RANK': '1'}, stdout=subprocess.PIPE)\n"
+                "child.stdout.readline()\n"
+                "print(child.pid, flush=True)\n"
+                "time.sleep(300)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        rank_one = int(proc.stdout.readline())
+        assert alive(rank_one)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while alive(rank_one) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not alive(rank_one), "the rank outlived its launcher"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_module(module, args, tmp_path, check=True, timeout=600):

@@ -168,22 +168,9 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     if explicit_keys is None:
         in_hydra = HydraConfig.initialized()
         explicit_keys = explicit_model_keys(list(HydraConfig.get().overrides.task)) if in_hydra else set()
-    resume_ckpt: Optional[Path] = None
-    if typed.resume == "auto":
-        same_run, others = resume_candidates(out_dir)
-        resume_ckpt = find_resume_checkpoint(same_run)
-        if resume_ckpt is not None:
-            out_dir = resume_ckpt.parent.parent  # continue in the run's own directory
-            log.info("resume=auto: continuing from %s", resume_ckpt)
-        else:
-            log.info("resume=auto: no checkpoint of an earlier run of experiment %r with these overrides, starting "
-                     "fresh%s", typed.experiment_name,
-                     f" ({len(others)} run(s) of it with other overrides left alone; resume=<checkpoint> continues "
-                     "one of them)" if others else "")
-    elif typed.resume:
-        resume_ckpt = Path(typed.resume)
-        if not resume_ckpt.is_file():
-            raise ConfigError(f"resume: checkpoint {resume_ckpt} does not exist")
+    resume_ckpt = choose_resume_checkpoint(typed, out_dir)
+    if resume_ckpt is not None and typed.resume == "auto":
+        out_dir = resume_ckpt.parent.parent  # continue in the run's own directory
     try:
         resume = resume_point(resume_ckpt) if resume_ckpt else None
     except CheckpointReadError as e:
@@ -308,6 +295,33 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     finally:
         finish_wandb(loggers, failed)
     return result
+
+
+RESUME_ENV = "HYBRIDLM_RESUME_CHECKPOINT"  # rank 0's resume=auto choice, inherited by the DDP ranks it launches
+
+
+def choose_resume_checkpoint(cfg: Config, out_dir: Path) -> Optional[Path]:
+    if not cfg.resume:
+        return None
+    if cfg.resume != "auto":
+        if not Path(cfg.resume).is_file():
+            raise ConfigError(f"resume: checkpoint {cfg.resume} does not exist")
+        return Path(cfg.resume)
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and RESUME_ENV in os.environ:
+        # A DDP rank launched by rank 0 continues what rank 0 chose: a search of its own could choose otherwise
+        # (it runs with other Hydra settings, and later), and ranks that disagree wait for each other forever.
+        return Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
+    same_run, others = resume_candidates(out_dir)
+    ckpt = find_resume_checkpoint(same_run)
+    os.environ[RESUME_ENV] = str(ckpt or "")
+    if ckpt is not None:
+        log.info("resume=auto: continuing from %s", ckpt)
+    else:
+        log.info("resume=auto: no checkpoint of an earlier run of experiment %r with these overrides, starting "
+                 "fresh%s", cfg.experiment_name,
+                 f" ({len(others)} run(s) of it with other overrides left alone; resume=<checkpoint> continues "
+                 "one of them)" if others else "")
+    return ckpt
 
 
 # Overrides a resumed run may change without becoming another run: where it writes, how long it trains, resume.

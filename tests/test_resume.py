@@ -107,6 +107,16 @@ def model_and_optimizer(ckpt_path):
     return ckpt["global_step"], ckpt["state_dict"], opt
 
 
+def assert_same_final_state(ref_dir, run_dir, steps):
+    """Both runs' last.ckpt hold `steps` steps and the same weights and optimizer state, bit for bit."""
+    step_a, weights_a, opt_a = model_and_optimizer(Path(ref_dir) / "checkpoints" / "last.ckpt")
+    step_b, weights_b, opt_b = model_and_optimizer(Path(run_dir) / "checkpoints" / "last.ckpt")
+    assert step_a == step_b == steps
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
+
+
 # -------------------------------------------------------------------------------------------------- tests
 
 @pytest.mark.parametrize("name", list(INTERVENTIONS))
@@ -130,12 +140,7 @@ def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
         assert per_step(got, key) == per_step(ref, key), key  # the CSV strings are the exact float32 values
     assert sorted(per_step(got, "train/loss")) == list(range(STEPS))
 
-    step_a, weights_a, opt_a = model_and_optimizer(ref_dir / "checkpoints" / "last.ckpt")
-    step_b, weights_b, opt_b = model_and_optimizer(crashed / "checkpoints" / "last.ckpt")
-    assert step_a == step_b == STEPS
-    assert weights_a.keys() == weights_b.keys()
-    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
-    assert all(torch.equal(opt_a[i][s], opt_b[i][s]) for i in opt_a for s in opt_a[i])
+    assert_same_final_state(ref_dir, crashed, STEPS)
     print(f"{name}: killed after step {killed_at}, resumed from step {resumed_from}; "
           f"{STEPS} train losses bitwise equal")
 

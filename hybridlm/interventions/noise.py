@@ -129,12 +129,12 @@ class FittedNoiseCallback(InitialStateCallback):
             self.export(path if path.is_absolute() else Path(trainer.default_root_dir) / path)
 
     # ---- persistence ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "stats": {k: r.state_dict() for k, r in self.stats.items()}}
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {**super().rank_state_dict(), "stats": {k: r.state_dict() for k, r in self.stats.items()}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.stats = {k: RunningMoments.from_state_dict(d) for k, d in state_dict["stats"].items()}
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_rank_state_dict(state)
+        self.stats = {k: RunningMoments.from_state_dict(d) for k, d in state.get("stats", {}).items()}
 
     def export(self, path) -> Path:
         """Write {"{layer}.{ssm|conv}": {"count", "mean", "std"}} to a .pt (tensors) or .json (lists) file."""

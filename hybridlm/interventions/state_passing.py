@@ -5,12 +5,11 @@ What is passed: the SSM state of every Mamba-2 layer; with include_conv its conv
 the whole state of every attention layer (its key/value window, position counter and qkv conv state).
 Batch-size changes: a smaller batch takes the first rows; in a larger batch the extra rows start from zeros and,
 because an attention cache is one dense tensor with no per-row mask, attention layers start empty for that batch.
-Under DDP a Lightning checkpoint holds rank 0's callback state only: on resume rank 0 continues exactly, and any
-other rank (whose buffer was not saved) starts from zeros, with a warning.
+Under DDP every rank passes its own states; checkpoints hold every rank's buffer (see base.py), so a resumed run
+continues exactly on every rank.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -72,13 +71,9 @@ class StatePassingCallback(InitialStateCallback):
             return None
         return {k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) for k, v in s.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "prev": state_to_cpu(self.prev)}
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {**super().rank_state_dict(), "prev": state_to_cpu(self.prev)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.prev = state_dict["prev"]
-        if self.prev is not None and state_dict["rank"] != self.rank:
-            warnings.warn(f"{type(self).__name__}: the checkpoint holds rank {state_dict['rank']}'s passed states; "
-                          f"rank {self.rank} starts from zero states", stacklevel=2)
-            self.prev = None
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_rank_state_dict(state)
+        self.prev = state.get("prev")

@@ -28,8 +28,8 @@ def make_module(pattern: str = "MAM", stream_mode: str = "random", seed: int = 0
                            cfg=SimpleNamespace(model=mcfg, data=DataConfig(stream_mode=stream_mode)))
 
 
-def trainer_stub(rank: int = 0, tmp_path=None):
-    return SimpleNamespace(global_rank=rank, is_global_zero=rank == 0, datamodule=None,
+def trainer_stub(rank: int = 0, tmp_path=None, world_size: int = 1):
+    return SimpleNamespace(global_rank=rank, world_size=world_size, is_global_zero=rank == 0, datamodule=None,
                            default_root_dir=str(tmp_path) if tmp_path else ".")
 
 

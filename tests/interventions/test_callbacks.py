@@ -184,16 +184,51 @@ def test_state_passing_state_dict_roundtrip(module):
     assert any(torch.count_nonzero(a[i]["ssm"][r]) == 0 for i in MAMBA for r in range(6))  # resets did happen
 
 
-def test_state_dict_from_another_rank_starts_from_zeros(module):
+def test_each_rank_restores_its_own_passed_states_and_resets(module):
+    """Under DDP state_dict gathers {"ranks": [rank 0's state, rank 1's state]} (built here from each rank's
+    rank_state_dict, as the gather does); each rank continues from its own entry, as if never interrupted."""
+    cfg = InterventionConfig(name="state_passing", reset_prob=0.5, seed=3)
+    ranks = [StatePassingCallback(cfg) for _ in range(2)]
+    for r, cb in enumerate(ranks):
+        cb.setup(trainer_stub(rank=r, world_size=2), module, "fit")
+        for t in range(2):
+            step(cb, module, ids(4, 5, 10 * r + t))  # each rank sees its own data
+    saved = roundtrip({"ranks": [cb.rank_state_dict() for cb in ranks]})
+    for r, cb in enumerate(ranks):
+        restored = StatePassingCallback(cfg)
+        restored.setup(trainer_stub(rank=r, world_size=2), module, "fit")
+        restored.load_state_dict(saved)
+        for t in range(2, 4):  # two more steps: the passed states and the reset draws of rank r
+            a, _ = step(cb, module, ids(4, 5, 10 * r + t))
+            b, _ = step(restored, module, ids(4, 5, 10 * r + t))
+            assert all(torch.equal(a[i]["ssm"], b[i]["ssm"]) for i in MAMBA), (r, t)
+    # the ranks' buffers differ, so the equalities above hold only if rank 1 restored rank 1's entry
+    assert not torch.equal(ranks[0].prev[0]["ssm"], ranks[1].prev[0]["ssm"])
+
+
+def test_a_rank_missing_from_the_checkpoint_starts_from_zeros(module):
     cfg = InterventionConfig(name="state_passing")
     cb = StatePassingCallback(cfg)
     step(cb, module, ids(2, 5, 0))
     other = StatePassingCallback(cfg)
-    other.setup(trainer_stub(rank=1), module, "fit")
-    with pytest.warns(UserWarning, match="rank 1 starts from zero states"):
-        other.load_state_dict(roundtrip(cb.state_dict()))
+    other.setup(trainer_stub(rank=1, world_size=2), module, "fit")
+    with pytest.warns(UserWarning, match=r"holds the intervention state of rank\(s\) \[0\] only; rank 1 starts afresh"):
+        other.load_state_dict(roundtrip(cb.state_dict()))  # saved by a single-process run
     init, _ = step(other, module, ids(2, 5, 1))
     assert init is None
+
+
+def test_a_checkpoint_written_before_per_rank_states_still_resumes(module):
+    """Older checkpoints hold one rank's state as {"rng", "rank", "prev"}: that rank continues from it."""
+    cfg = InterventionConfig(name="state_passing", reset_prob=0.5, seed=1)
+    cb = StatePassingCallback(cfg)
+    step(cb, module, ids(4, 5, 0))
+    old = roundtrip({**cb.rank_state_dict(), "rank": 0})
+    restored = StatePassingCallback(cfg)
+    restored.load_state_dict(old)
+    a, _ = step(cb, module, ids(4, 5, 1))
+    b, _ = step(restored, module, ids(4, 5, 1))
+    assert all(torch.equal(a[i]["ssm"], b[i]["ssm"]) for i in MAMBA)
 
 
 # ---- noise ---------------------------------------------------------------------------------------------------
@@ -310,7 +345,7 @@ def test_noise_follows_module_dtype(module):
     assert init[0]["ssm"].dtype == torch.float64 and init[0]["conv"].dtype == torch.float64
     sp = StatePassingCallback(InterventionConfig(name="state_passing"))
     step(sp, module, ids(2, 4, 0))
-    sd = sp.state_dict()
+    sd = sp.state_dict()["ranks"][0]
     assert map_state(sd["prev"], lambda t: t.device.type)[0]["ssm"] == "cpu"  # checkpoints hold CPU tensors
 
 

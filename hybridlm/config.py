@@ -96,6 +96,13 @@ class Config:
     # say it: an experiment file's `???` does not replace the schema's default None when the configs merge.
     required: list[str] = field(default_factory=list)
 
+    def resolve(self) -> None:
+        """Settings whose `auto` depends on another group. The resolved value is what gets saved with the run."""
+        if self.data.stream_mode == "auto":
+            # TBTT continues each row's documents from batch to batch; every other intervention reads random
+            # windows (state passing must hand its state to an unrelated window).
+            self.data.stream_mode = "contiguous" if self.intervention.name == "tbtt" else "random"
+
     def validate(self) -> None:
         """Value checks that types cannot express; each message starts with the offending key."""
         for key in self.required:
@@ -140,6 +147,7 @@ def to_config(cfg: Any) -> Config:
     """An OmegaConf node or plain dict (e.g. from a checkpoint's hyper_parameters) -> typed, validated Config."""
     merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
     typed: Config = OmegaConf.to_object(merged)
+    typed.resolve()
     typed.validate()
     return typed
 

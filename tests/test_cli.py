@@ -69,6 +69,26 @@ def test_multirun_failing_job_does_not_stop_the_sweep(tmp_path):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_lengthgen_sweep_over_interventions(tmp_path):
+    """The sweep as researchers type it: `-m +experiment=lengthgen/sweep intervention=...` (shrunk); the list on
+    the command line replaces the file's, and tbtt's job trains on contiguous rows."""
+    sweep = tmp_path / "sweep"
+    small = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "data.seq_len=32",
+             "data.batch_size=2", "data.synthetic.num_streams=4", "data.synthetic.val_streams=2",
+             "data.synthetic.stream_len=4096", "data.val_batches=1", "trainer.limit_val_batches=1",
+             "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.at_fit_end=false"]
+    run_train(["-m", "+experiment=lengthgen/sweep", "intervention=none,tbtt", *small,
+               f"hydra.sweep.dir={sweep}"], tmp_path)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(r["status"], r["overrides"].split()[0]) for r in summary] == [("ok", "intervention=none"),
+                                                                             ("ok", "intervention=tbtt")]
+    from hybridlm.checkpointing import load_checkpoint_file
+
+    modes = [load_checkpoint_file(sweep / job / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]["data"]
+             ["stream_mode"] for job in ("0", "1")]
+    assert modes == ["random", "contiguous"]
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     run_dir = tmp_path / "ddp"
     run_train([*TINY, "trainer=ddp_cpu", "trainer.max_steps=3", "trainer.val_check_interval=3", "logger=csv",

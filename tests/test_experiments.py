@@ -64,3 +64,31 @@ def test_experiment_composes_and_trains_two_steps(name, tmp_path, trained_checkp
         from hybridlm.adapters import read_adapter_config
         assert read_adapter_config(result["adapter"]).name == cfg.adapter.name
     assert result["metrics"]["train/loss"] == result["metrics"]["train/loss"]  # finite, not NaN
+
+
+# The arm files of conf/experiment/lengthgen/ and the intervention each one is.
+LENGTHGEN_ARMS = {"baseline": "none", "random_noise": "random_noise", "fitted_noise": "fitted_noise",
+                  "state_passing": "state_passing", "tbtt": "tbtt"}
+
+
+@pytest.mark.parametrize("arm", list(LENGTHGEN_ARMS))
+def test_a_lengthgen_arm_file_is_the_sweep_with_its_intervention(arm):
+    """`+experiment=lengthgen/sweep intervention=X` (the sweep's jobs) trains exactly what the arm file does;
+    tbtt gets its contiguous rows from data.stream_mode=auto, the others random windows."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        from_file = to_config(compose("train", overrides=[f"+experiment=lengthgen/{arm}"]))
+        from_sweep = to_config(compose("train", overrides=["+experiment=lengthgen/sweep",
+                                                           f"intervention={LENGTHGEN_ARMS[arm]}"]))
+    assert from_file == from_sweep
+    assert from_file.data.stream_mode == ("contiguous" if arm == "tbtt" else "random")
+    assert from_file.intervention.name == LENGTHGEN_ARMS[arm] and from_file.intervention.sigma == 0.1
+
+
+def test_an_explicit_stream_mode_is_kept_and_checked():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+experiment=lengthgen/sweep", "intervention=tbtt",
+                                          "data.stream_mode=random"])
+    with pytest.raises(ValueError, match="^data.stream_mode: intervention=tbtt needs data.stream_mode=contiguous"):
+        to_config(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SOURCES = ("stdlib", "files", "hub", "synthetic")
-STREAM_MODES = ("random", "contiguous")
+STREAM_MODES = ("auto", "random", "contiguous")
 TASKS = ("mqar", "copy", "passkey", "recall_stream")
 SAMPLE_BY = ("document", "paragraph", "line")
 PASSKEY_FILLERS = ("neutral", "corpus")
@@ -52,7 +52,9 @@ class DataConfig:
     seq_len: int = 256  # T: tokens per row; each row reads T+1 tokens (labels are the inputs shifted by one)
     batch_size: int = 8  # rows per batch on each rank
     pack: bool = True  # True: windows run across documents (EOD between them); False: each window inside one document
-    stream_mode: str = "random"  # random | contiguous (row i of batch t continues row i of batch t-1: TBTT)
+    # random | contiguous (row i of batch t continues row i of batch t-1: TBTT) | auto: contiguous under
+    # intervention=tbtt, random otherwise (resolved by the top-level config; unresolved, it reads as random)
+    stream_mode: str = "auto"
     batches_per_epoch: int = 0  # 0: one pass over the training tokens (synthetic: 1000); the stream itself is endless
     val_fraction: float = 0.05  # share of documents held out, by a hash of each document (stable across machines)
     val_batches: int = 8  # fixed validation batches (in total over all ranks); 0 = no validation

@@ -1,7 +1,7 @@
 """`make repro-lengthgen`: the length-generalization comparison (Buitrago Ruiz & Gu 2025) on CPU.
 
 Trains the five arms of conf/experiment/lengthgen/ (baseline = no intervention, random_noise, fitted_noise,
-state_passing, tbtt), each as `python -m hybridlm.train +experiment=lengthgen/<arm> seed=<seed>` in its own
+state_passing, tbtt), each as `python -m hybridlm.train +experiment=lengthgen/<arm> seed=<seed> logger=csv` in its own
 process with OMP_NUM_THREADS=1, `--parallel` at a time. Each run ends with the length report (loss by position on
 16T-token validation streams, with the recall-answer loss as a second column; SSM state norms; EffRem). This
 script collects those JSON files into results/lengthgen/{table.md, results.json, figure.png}.
@@ -38,8 +38,9 @@ def run_arms(arms: list[str], out: Path, seed: int, parallel: int, extra: list[s
             log = out / "logs" / f"{arm}.log"
             shutil.rmtree(run_dir, ignore_errors=True)  # no stale length reports from an earlier invocation
             log.parent.mkdir(parents=True, exist_ok=True)
+            # CSV only: the collected table and figure come from each run's files; W&B's start would add to the times
             argv = [sys.executable, "-m", "hybridlm.train", f"+experiment=lengthgen/{arm}", f"seed={seed}",
-                    f"hydra.run.dir={run_dir}", *extra]
+                    "logger=csv", f"hydra.run.dir={run_dir}", *extra]
             print(f"[repro-lengthgen] start {arm}: {' '.join(argv[1:])}", flush=True)
             f = open(log, "w")
             running[arm] = (subprocess.Popen(argv, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT), f,

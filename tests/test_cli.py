@@ -77,7 +77,7 @@ def test_lengthgen_sweep_over_interventions(tmp_path):
              "data.batch_size=2", "data.synthetic.num_streams=4", "data.synthetic.val_streams=2",
              "data.synthetic.stream_len=4096", "data.val_batches=1", "trainer.limit_val_batches=1",
              "trainer.max_steps=2", "trainer.val_check_interval=2", "eval.at_fit_end=false"]
-    run_train(["-m", "+experiment=lengthgen/sweep", "intervention=none,tbtt", *small,
+    run_train(["-m", "+experiment=lengthgen/sweep", "intervention=none,tbtt", *small, "logger=csv",
                f"hydra.sweep.dir={sweep}"], tmp_path)
     summary = json.loads((sweep / "summary.json").read_text())
     assert [(r["status"], r["overrides"].split()[0]) for r in summary] == [("ok", "intervention=none"),

@@ -44,8 +44,8 @@ def triton_auto_skip() -> Reason:
     return "only the CPU interpreter is available: correct but far slower than torch; ask for it by name"
 
 
-def _triton_tensors(*ts: Optional[Tensor]) -> Reason:
-    """Device/dtype rules shared by every Triton kernel."""
+def _triton_tensors(*ts: Optional[Tensor], uses_dot: bool = True) -> Reason:
+    """Device/dtype rules shared by every Triton kernel (`uses_dot`: the kernel calls tl.dot)."""
     ts = [t for t in ts if t is not None]
     devices = {t.device for t in ts}
     if len(devices) > 1:
@@ -57,7 +57,7 @@ def _triton_tensors(*ts: Optional[Tensor]) -> Reason:
         return f"device {dev.type} is not supported"
     if not _interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
-    if any(t.dtype == torch.bfloat16 for t in ts):
+    if uses_dot and any(t.dtype == torch.bfloat16 for t in ts):
         return "bf16 tl.dot gives wrong results under the Triton interpreter"
     return None
 
@@ -92,6 +92,22 @@ def verify_span_triton(q, k, v, selected, *args, **kwargs) -> Reason:
     return None
 
 
+CONV_MAX_K = 16  # the conv kernel unrolls its taps
+
+
+def verify_conv_triton(x, weight, bias, conv_state=None) -> Reason:
+    reason = _triton_tensors(x, weight, bias, conv_state, uses_dot=False)
+    if reason:
+        return reason
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {x.dtype}: the kernel computes in fp32"
+    if x.numel() == 0:
+        return "empty input"
+    if weight.shape[-1] > CONV_MAX_K:
+        return f"kernel size {weight.shape[-1]} > {CONV_MAX_K}"
+    return None
+
+
 def _add(op: str, name: str, load: str, available=lambda: None, verify=None, auto_skip=lambda: None) -> None:
     register(Backend(op=op, name=name, priority=PRIORITY[name], load=load, available=available, verify=verify,
                      auto_skip=auto_skip))
@@ -105,6 +121,8 @@ def register_builtin() -> None:
          mamba_ssm_backend.ssd_available, mamba_ssm_backend.verify_ssd)
 
     _add("causal_conv1d", "torch", "hybridlm.ops.conv:causal_conv1d_torch")
+    _add("causal_conv1d", "triton", "kernels.causal_conv1d.triton:causal_conv1d_triton", triton_available,
+         verify_conv_triton, triton_auto_skip)
     _add("causal_conv1d", "mamba_ssm", "hybridlm.ops.mamba_ssm_backend:causal_conv1d_mamba_ssm",
          mamba_ssm_backend.conv_available, mamba_ssm_backend.verify_conv)
 

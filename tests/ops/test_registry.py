@@ -63,8 +63,8 @@ def test_named_backend_that_cannot_run_raises_with_the_reason():
 def test_unknown_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ops.configure("cuda")
-    monkeypatch.setenv("HYBRIDLM_BACKEND_CONV", "triton")  # causal_conv1d has no triton backend
-    with pytest.raises(BackendUnavailableError, match="HYBRIDLM_BACKEND_CONV=triton.*no 'triton' backend"):
+    monkeypatch.setenv("HYBRIDLM_BACKEND_WINDOW_ATTN", "mamba_ssm")  # window_attention has no mamba_ssm backend
+    with pytest.raises(BackendUnavailableError, match="HYBRIDLM_BACKEND_WINDOW_ATTN=mamba_ssm.*no 'mamba_ssm' backend"):
         ops.configure("torch")
 
 

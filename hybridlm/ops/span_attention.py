@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 # Upper bound on the score elements materialised per step; above it, chunks are processed in bounded groups.
@@ -177,24 +178,58 @@ def span_attention_torch(
                          f"got {tuple(selected.shape)}")
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     offset = lk - lq
-    dev = q.device
     # Window tiles: chunk n needs keys [n*C + lo, n*C + lo + C + W - 1) with lo = offset - W + 1. Pad so every tile
-    # is in range (front: before key 0; back: the last chunk's missing queries), then unfold without copying.
+    # is in range (front: before key 0; back: the last chunk's missing queries); tiles are unfolded views of these.
     lo = offset - (W - 1)
-    span = C + W - 1
     back = n_chunks * C - lq
-    kr, vr = k[:, :, max(lo, 0):], v[:, :, max(lo, 0):]
     pad = (0, 0, max(-lo, 0), back)
-    kw = torch.nn.functional.pad(kr, pad).unfold(2, span, C).transpose(-1, -2)  # (b, hkv, n, span, d)
-    vw = torch.nn.functional.pad(vr, pad).unfold(2, span, C).transpose(-1, -2)
+    kp = torch.nn.functional.pad(k[:, :, max(lo, 0):], pad)
+    vp = torch.nn.functional.pad(v[:, :, max(lo, 0):], pad)
+    qc = torch.nn.functional.pad(q, (0, 0, 0, back)).view(b, hkv, g, n_chunks, C, d)
+    geometry = (W, M, C, lo, offset, scale)
+
+    # Chunks are processed in groups whose logits (b, h, C, keys) and gathered keys and values (b, hkv, keys, d + dv)
+    # each stay within ~_MAX_SCORES elements. With several groups and gradients on, each group is recomputed in
+    # backward instead of keeping its gathered keys: otherwise training memory grows with
+    # (number of chunks) x (top_k*M + C + W - 1) x (d + dv), which short query chunks make large.
+    keys_per_chunk = (top_k * M if top_k > 0 and lk // M > 0 else 0) + C + W - 1
+    step = max(1, _MAX_SCORES // max(1, b * keys_per_chunk * max(h * C, hkv * (d + dv))))
+    recompute = step < n_chunks and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for s in range(0, n_chunks, step):
+        e = min(n_chunks, s + step)
+        args = (qc[:, :, :, s:e], k, v, kp, vp, selected[:, :, s:e], s, geometry)
+        if recompute:
+            outs.append(torch.utils.checkpoint.checkpoint(_span_chunk_group, *args, use_reentrant=False))
+        else:
+            outs.append(_span_chunk_group(*args))
+    o = torch.cat(outs, dim=3).reshape(b, h, n_chunks * C, dv)
+    return o[:, :, :lq].to(q.dtype)
+
+
+def _span_chunk_group(qc: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, selected: Tensor, first: int,
+                      geometry: tuple) -> Tensor:
+    """Output of chunks first .. first + n - 1 (see span_attention_torch): qc (b, hkv, g, n, C, d), selected
+    (b, hkv, n, top_k) -> (b, hkv, g, n, C, dv). kp/vp are the padded keys/values the window tiles are cut from."""
+    W, M, C, lo, offset, scale = geometry
+    b, hkv, _, n, _, d = qc.shape
+    dv = v.shape[3]
+    top_k = selected.shape[-1]
+    dev = qc.device
+    span = C + W - 1
+    # This group's window tiles, (b, hkv, n, span, d), unfolded from its own rows only (a slice of the unfolded
+    # whole would cost a full-size gradient of the unfolded whole in backward, per group).
+    rows = slice(first * C, (first + n - 1) * C + span)
+    kw = kp[:, :, rows].unfold(2, span, C).transpose(-1, -2)
+    vw = vp[:, :, rows].unfold(2, span, C).transpose(-1, -2)
     # Window mask: query row r of a chunk sees tile column c iff r <= c <= r + W - 1, and the key exists.
     r = torch.arange(C, device=dev)[:, None]
     c = torch.arange(span, device=dev)[None, :]
-    key_idx_w = (torch.arange(n_chunks, device=dev) * C + lo)[:, None, None] + c  # (n, 1, span)
+    key_idx_w = ((torch.arange(n, device=dev) + first) * C + lo)[:, None, None] + c  # (n, 1, span)
     mask_w = (c >= r) & (c <= r + W - 1) & (key_idx_w >= 0)  # (n, C, span)
     mask_w = mask_w[None, None].expand(b, hkv, -1, -1, -1)
 
-    nb = lk // M
+    nb = k.shape[2] // M
     if top_k > 0 and nb > 0:
         sel = selected.clamp(min=0)
         bi = torch.arange(b, device=dev)[:, None, None, None]
@@ -203,23 +238,14 @@ def span_attention_torch(
         vb = v[:, :, : nb * M].reshape(b, hkv, nb, M, dv)[bi, hi, sel].flatten(3, 4)
         key_idx_b = (sel[..., None] * M + torch.arange(M, device=dev)).flatten(3, 4)  # (b, hkv, n, top_k*M)
         slot_ok = (selected >= 0)[..., None].expand(-1, -1, -1, -1, M).flatten(3, 4)
-        t = torch.arange(n_chunks * C, device=dev).view(n_chunks, C) + offset  # (n, C) key index of each query
+        t = (torch.arange(n, device=dev) + first)[:, None] * C + torch.arange(C, device=dev) + offset  # (n, C)
         mask_b = slot_ok[:, :, :, None, :] & (key_idx_b[:, :, :, None, :] <= t[None, None, :, :, None] - W)
         keys, vals = torch.cat([kb, kw], dim=3), torch.cat([vb, vw], dim=3)
         mask = torch.cat([mask_b, mask_w], dim=4)  # (b, hkv, n, C, top_k*M + span)
     else:
         keys, vals, mask = kw, vw, mask_w
-
-    qc = torch.nn.functional.pad(q, (0, 0, 0, back)).view(b, hkv, g, n_chunks, C, d)
-    n_keys_per_chunk = keys.shape[3]
-    step = max(1, _MAX_SCORES // max(1, b * h * C * n_keys_per_chunk))  # chunks per group: bounded memory
-    outs = []
-    for s in range(0, n_chunks, step):
-        e = min(n_chunks, s + step)
-        logits = torch.einsum("bhgncd,bhnkd->bhgnck", qc[:, :, :, s:e], keys[:, :, s:e])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
-        logits = logits.masked_fill(~mask[:, :, None, s:e], float("-inf"))  # every row keeps its own key
-        p = torch.softmax(logits, dim=-1).to(vals.dtype)
-        outs.append(torch.einsum("bhgnck,bhnkd->bhgncd", p, vals[:, :, s:e]))
-    o = torch.cat(outs, dim=3).reshape(b, h, n_chunks * C, dv)
-    return o[:, :, :lq].to(q.dtype)
+    logits = torch.einsum("bhgncd,bhnkd->bhgnck", qc, keys)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))  # every row keeps its own key
+    p = torch.softmax(logits, dim=-1).to(vals.dtype)
+    return torch.einsum("bhgnck,bhnkd->bhgncd", p, vals)

@@ -1,14 +1,19 @@
 """Span-Expanded Attention (DESIGN §4): the op against a dense mask built with loops, selection against a
 brute-force top-k, the limiting cases (sliding window, full attention), causality, and streaming."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
 from hybridlm.models.attention import Attention
 from hybridlm.models.se_attention import SpanExpandedAttention
 from hybridlm.ops.attention import window_attention_torch
 from hybridlm.ops.span_attention import block_summaries, select_blocks, span_attention_torch
+
+span_ops = importlib.import_module("hybridlm.ops.span_attention")  # the package's `span_attention` is the op
 
 
 def rand_qkv(b=2, h=4, hkv=2, lq=23, lk=23, d=8, seed=0):
@@ -97,8 +102,28 @@ def test_selection_matches_brute_force(scorer, lq, lk, max_blocks, n_prev, negat
         assert (got == -1).any()  # early chunks have fewer than top_k candidates
 
 
-@pytest.mark.parametrize("lq,lk,W,M,C,top_k", [(23, 23, 4, 3, 4, 2), (9, 26, 3, 2, 5, 3), (16, 16, 1, 4, 2, 1),
-                                               (30, 30, 6, 2, 1, 4)])
+OP_CASES = [(23, 23, 4, 3, 4, 2), (9, 26, 3, 2, 5, 3), (16, 16, 1, 4, 2, 1), (30, 30, 6, 2, 1, 4)]
+
+
+@pytest.mark.parametrize("lq,lk,W,M,C,top_k", OP_CASES)
+def test_op_in_groups_of_one_chunk_matches_dense_mask(monkeypatch, lq, lk, W, M, C, top_k):
+    """Past _MAX_SCORES logits the op gathers keys one group of chunks at a time and recomputes each group in
+    backward (bounded memory at long lengths): the same outputs and gradients, with and without grad."""
+    monkeypatch.setattr(span_ops, "_MAX_SCORES", 1)  # one chunk per group
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **kw: calls.append(1) or checkpoint(*a, **kw))
+    test_op_matches_dense_mask_with_gradients(lq, lk, W, M, C, top_k)
+    assert len(calls) == -(-lq // C)  # every group recomputed in backward
+    q, k, v = rand_qkv(lq=lq, lk=lk, seed=2)
+    selected = select_blocks(q, block_summaries(k, M), lk, W, M, C, top_k)
+    with torch.no_grad():
+        torch.testing.assert_close(span_attention_torch(q, k, v, selected, W, M, C),
+                                   dense_reference(q, k, v, selected, W, M, C))
+    assert len(calls) == -(-lq // C)  # nothing to recompute without gradients
+
+
+@pytest.mark.parametrize("lq,lk,W,M,C,top_k", OP_CASES)
 def test_op_matches_dense_mask_with_gradients(lq, lk, W, M, C, top_k):
     q, k, v = rand_qkv(lq=lq, lk=lk, seed=2)
     selected = select_blocks(q, block_summaries(k, M), lk, W, M, C, top_k)

@@ -97,7 +97,8 @@ def run_jobs(jobs: list[Job], parallel: int, threads: int) -> None:
 
 def pretrain_job(work: Path, steps: int | None) -> Job:
     out = work / "pretrain"
-    argv = ["+experiment=sespan/pretrain", f"hydra.run.dir={out}", "trainer.enable_progress_bar=false"]
+    # CSV only in every training job: the table reads the CSV logs, and W&B's process would blur times and RSS.
+    argv = ["+experiment=sespan/pretrain", "logger=csv", f"hydra.run.dir={out}", "trainer.enable_progress_bar=false"]
     if steps:
         argv.append(f"trainer.max_steps={steps}")
     return Job("pretrain", argv, "hybridlm.train", out, work / "logs" / "pretrain.log")
@@ -106,7 +107,7 @@ def pretrain_job(work: Path, steps: int | None) -> Job:
 def adapt_job(work: Path, ckpt: Path, variant: str, adapter: str, steps: int | None) -> Job:
     name = f"{variant}+{adapter}"
     out = work / "adapt" / name
-    argv = ["+experiment=sespan/adapt", f"init_from={ckpt}", *VARIANTS[variant], f"adapter={adapter}",
+    argv = ["+experiment=sespan/adapt", f"init_from={ckpt}", *VARIANTS[variant], f"adapter={adapter}", "logger=csv",
             "eval.at_fit_end=false",  # evaluated in a separate process, so the peak RSS is training's
             f"hydra.run.dir={out}", "trainer.enable_progress_bar=false"]
     if steps:

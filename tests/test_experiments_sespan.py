@@ -23,7 +23,8 @@ FILES = sorted(p.stem for p in (CONF / "experiment" / "sespan").glob("*.yaml"))
 TINY_MODEL = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.ssm.chunk_size=16",
               "model.attn.window=32"]
 TINY_RUN = ["data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+            "logger=csv"]
 TINY_EVAL = ["eval.passkey_lengths=[96,192]", "eval.passkey_depths=[0.0,1.0]", "eval.passkey_samples=1",
              "eval.max_len=192", "eval.n_sequences=2", "eval.chunk_len=64", "eval.batch_size=2"]
 

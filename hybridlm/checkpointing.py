@@ -140,9 +140,8 @@ def save_final_checkpoint(trainer, path: Path) -> None:
 class StepCheckpoint(ModelCheckpoint):
     """ModelCheckpoint by steps and/or wall time that never resumes past a validation that did not run. Lightning
     saves a step checkpoint before the validation due on the same step, and a run resumed from it skips that
-    validation: killed in between, the run would lose it. Such a save is deferred to the end of the validation
-    with Lightning's own deferral (used when a monitored metric is missing); a run resumed from there goes on
-    after the validation."""
+    validation: killed in between, the run would lose it. Such a save is deferred to the end of the validation;
+    a run resumed from there goes on after the validation."""
 
     def __init__(self, *args: Any, every_n_train_steps: Optional[int] = None,
                  train_time_interval: Optional[timedelta] = None, **kwargs: Any) -> None:
@@ -152,6 +151,7 @@ class StepCheckpoint(ModelCheckpoint):
                          train_time_interval=None if every_n_train_steps else train_time_interval, **kwargs)
         self._train_time_interval = train_time_interval
         self._validation_follows = False
+        self._deferred = False  # a save is waiting for the end of the validation that follows its step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._validation_follows = validation_follows(trainer)
@@ -160,15 +160,23 @@ class StepCheckpoint(ModelCheckpoint):
         finally:
             self._validation_follows = False
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._deferred:
+            self._deferred = False
+            candidates = self._monitor_candidates(trainer)
+            super()._save_topk_checkpoint(trainer, candidates)
+            super()._save_last_checkpoint(trainer, candidates)
+        super().on_validation_end(trainer, pl_module)  # skips this step: it is saved
+
     def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
         if self._validation_follows:
-            self._defer_save_until_validation = True  # on_validation_end saves top-k and last
+            self._deferred = True
         else:
             super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer, monitor_candidates) -> None:
         if self._validation_follows:
-            self._defer_save_until_validation = True
+            self._deferred = True
         else:
             super()._save_last_checkpoint(trainer, monitor_candidates)
 
@@ -177,7 +185,7 @@ def validation_follows(trainer) -> bool:
     """Whether a validation with at least one batch runs right after the current training batch (the test the
     training loop makes after on_train_batch_end)."""
     loop = trainer.fit_loop.epoch_loop
-    if not (trainer.enable_validation and not loop._skip_next_val
+    if not (trainer.enable_validation and not getattr(loop, "_skip_next_val", False)
             and loop._should_check_val_fx(trainer.fit_loop._data_fetcher)):
         return False
     loop.val_loop.setup_data()  # what the validation does first (once); tells whether it has batches to run

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
@@ -73,6 +74,17 @@ def start_wandb(cfg: LoggerConfig, mode: str, save_dir: Path, run_name: str, run
         wandb.teardown()
         os.environ.pop("WANDB_SERVICE")
         return start()
+
+
+@contextmanager
+def closing_wandb(loggers: list[Logger]) -> Iterator[None]:
+    """Finish the W&B run of `loggers` when the block ends, marked failed if it raised."""
+    try:
+        yield
+    except BaseException:
+        finish_wandb(loggers, failed=True)
+        raise
+    finish_wandb(loggers, failed=False)
 
 
 def finish_wandb(loggers: list[Logger], failed: bool) -> None:

@@ -38,7 +38,7 @@ from hybridlm.eval import LengthEvalCallback
 from hybridlm.guards import NonFiniteGuard
 from hybridlm.interventions import build_intervention
 from hybridlm.lit import HybridLMModule
-from hybridlm.logging import build_loggers, finish_wandb, wandb_run_dir
+from hybridlm.logging import build_loggers, closing_wandb, wandb_run_dir
 from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger("hybridlm")
@@ -148,11 +148,17 @@ def build_callbacks(cfg: Config, ckpt_dir: Path) -> list[Callback]:
     return callbacks
 
 
+def local_rank() -> int:
+    """This process's rank on its node, known before any Trainer exists: Lightning's launcher (and torchrun)
+    start the ranks above 0 with LOCAL_RANK set."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def end_with_launcher() -> None:
     """Make a DDP rank > 0 die with the process that launched it. Lightning starts those ranks as children of
     rank 0's process; when that one is killed (kill -9, the OOM killer), they could otherwise wait in a
     collective until its timeout (30 minutes by default with NCCL), holding their memory and the GPU."""
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 or not sys.platform.startswith("linux"):
+    if local_rank() == 0 or not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1  # prctl option from <linux/prctl.h>: a signal for this process when its parent dies
     if ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL) != 0:
@@ -176,7 +182,7 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     except CheckpointReadError as e:
         raise ConfigError(f"resume: {e}") from e
     ensure_writable(out_dir)
-    if resume is not None and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if resume is not None and local_rank() == 0:
         # The killed run may have logged steps past its checkpoint: they are logged again from here.
         truncate_csv_log(out_dir / "csv" / "metrics.csv", from_step=resume.global_step)
     L.seed_everything(typed.seed, workers=True, verbose=False)
@@ -188,8 +194,7 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     module = HybridLMModule(typed, model=model)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}",
                             run_id=resume.wandb_run_id if resume else None)
-    failed = True
-    try:
+    with closing_wandb(loggers):  # when training raises, too: the W&B run is then marked failed
         ckpt_dir = out_dir / "checkpoints"
         t = typed.trainer
         trainer = L.Trainer(
@@ -229,9 +234,6 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
             result["adapter"] = str(save_adapter(model, out_dir / "adapter.safetensors"))
         if trainer.is_global_zero:
             report(result)
-        failed = False
-    finally:
-        finish_wandb(loggers, failed)  # also when training raised: the W&B run is marked failed
     return result
 
 
@@ -271,8 +273,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     module = HybridLMModule(typed, model=model)
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")
-    failed = True
-    try:
+    with closing_wandb(loggers):
         trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False,
                             accelerator=typed.trainer.accelerator, devices=1,
                             precision=resolve_precision(typed.trainer.precision),
@@ -291,9 +292,6 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
                   "csv": str(out_dir / "csv" / "metrics.csv") if (out_dir / "csv" / "metrics.csv").exists() else None,
                   "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
         report(result)
-        failed = False
-    finally:
-        finish_wandb(loggers, failed)
     return result
 
 
@@ -307,7 +305,7 @@ def choose_resume_checkpoint(cfg: Config, out_dir: Path) -> Optional[Path]:
         if not Path(cfg.resume).is_file():
             raise ConfigError(f"resume: checkpoint {cfg.resume} does not exist")
         return Path(cfg.resume)
-    if int(os.environ.get("LOCAL_RANK", "0")) > 0 and RESUME_ENV in os.environ:
+    if local_rank() > 0 and RESUME_ENV in os.environ:
         # A DDP rank launched by rank 0 continues what rank 0 chose: a search of its own could choose otherwise
         # (it runs with other Hydra settings, and later), and ranks that disagree wait for each other forever.
         return Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
@@ -398,7 +396,7 @@ def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
             raise
         log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
     finally:
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        if local_rank() == 0:
             # In the job's directory, where the sweep summary reads it, and in the run's own directory when a
             # resumed run went on there.
             for d in {job_dir, Path(record["out_dir"])}:

@@ -222,6 +222,8 @@ def _hub_documents(cfg: DataConfig) -> Iterator[tuple[None, str]]:
 
 def _cache_key(cfg: DataConfig, tokenizer: Tokenizer) -> tuple:
     key = (cfg.source, cfg.val_fraction, cfg.skip_bad_files, tokenizer.name, tokenizer.eod_id, cfg.max_documents)
+    if cfg.source == "synthetic":  # the recall_stream task: streams drawn from (seed, window, task settings)
+        return key + (cfg.seed, cfg.seq_len, repr(cfg.synthetic))
     if cfg.source == "stdlib":
         return key + (sysconfig.get_paths()["stdlib"], cfg.include_tests)
     if cfg.source == "files":
@@ -244,6 +246,10 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
 
 
 def _build_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
+    if cfg.source == "synthetic" and cfg.is_token_stream():
+        from hybridlm.data.recall_stream import recall_corpus  # it imports this module
+
+        return recall_corpus(cfg)
     skips = SkipCounter(refuse=not cfg.skip_bad_files)
     if cfg.source == "stdlib":
         docs = _stdlib_documents(cfg, skips)

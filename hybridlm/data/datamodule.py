@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hybridlm.data.batches import BatchSource
 from hybridlm.data.config import DataConfig
 from hybridlm.data.corpus import Corpus, load_corpus
-from hybridlm.data.recall_stream import recall_corpus, recall_vocab_size
+from hybridlm.data.recall_stream import recall_vocab_size
 from hybridlm.data.tokenizers import check_vocab, load_tokenizer
 
 
@@ -139,8 +139,7 @@ class HybridDataModule(L.LightningDataModule):
     def batch_source(self) -> BatchSource:
         """The BatchSource of this rank (built once per (rank, world_size); checks sizes against the corpus)."""
         if self.corpus is None and self.cfg.is_token_stream():
-            self.corpus = load_corpus(self.cfg, self.tokenizer) if self.cfg.source != "synthetic" else \
-                recall_corpus(self.cfg)
+            self.corpus = load_corpus(self.cfg, self.tokenizer)  # text, or the recall_stream task
         key = self.rank_world()
         if key not in self._sources:
             self._sources[key] = BatchSource(self.cfg, self.tokenizer, self.corpus, *key)

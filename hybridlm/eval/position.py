@@ -28,9 +28,10 @@ def per_position_sums(model, sequences: Tensor, chunk_len: int, batch_size: int 
     if L < 2:
         raise ValueError(f"loss_by_position needs sequences of >= 2 tokens, got {L}")
     device = model_device(model)
-    total = torch.zeros(L - 1, dtype=torch.float64)
-    target_total = torch.zeros(L - 1, dtype=torch.float64)
-    target_count = torch.zeros(L - 1, dtype=torch.float64)
+    # Summed on the model's device and copied to the host once at the end, not once per chunk.
+    total = torch.zeros(L - 1, dtype=torch.float64, device=device)
+    target_total = torch.zeros(L - 1, dtype=torch.float64, device=device)
+    target_count = torch.zeros(L - 1, dtype=torch.float64, device=device)
     for rows in sequences.split(batch_size):
         rows = rows.to(device)
         state = None
@@ -40,12 +41,12 @@ def per_position_sums(model, sequences: Tensor, chunk_len: int, batch_size: int 
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32, fp64 stays
             loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double()  # (b, c)
             span = slice(s, s + piece.shape[1])
-            total[span] += loss.sum(0).cpu()
+            total[span] += loss.sum(0)
             if target_range is not None:
                 hit = ((targets >= target_range[0]) & (targets < target_range[1])).double()  # (b, c)
-                target_total[span] += (loss * hit).sum(0).cpu()
-                target_count[span] += hit.sum(0).cpu()
-    return total, target_total, target_count
+                target_total[span] += (loss * hit).sum(0)
+                target_count[span] += hit.sum(0)
+    return total.cpu(), target_total.cpu(), target_count.cpu()
 
 
 def per_position_loss(model, sequences: Tensor, chunk_len: int, batch_size: int = 8) -> Tensor:

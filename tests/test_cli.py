@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.attn.window=16",
@@ -231,6 +232,7 @@ def test_init_from_refuses_a_conflicting_architecture_override(tmp_path):
     assert "ssm.d_state" in proc.stdout + proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, backend=triton can run here")
 def test_backend_that_cannot_run_here_fails_with_the_reason(tmp_path, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     proc = run_train(["backend=triton", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False, timeout=120)

@@ -1,7 +1,9 @@
 """Exact resume after a crash: a real `python -m hybridlm.train` killed with SIGKILL after a checkpoint and
 restarted with resume=auto logs the same per-step losses, bit for bit, as a run never interrupted, and ends
-with the same weights and optimizer state. Plus the pieces that make it so: global RNG states and the W&B
-run id in the checkpoint, and a CSV log that continues across the resume."""
+with the same weights and optimizer state. Plus the pieces that make it so: global RNG states in the
+checkpoint, checkpoints on validation steps, resume=auto finding the run's own checkpoint, and a CSV log that
+continues across the resume (the W&B run id: test_wandb.py)."""
+import contextlib
 import csv
 import json
 import os
@@ -70,11 +72,13 @@ def per_step(rows, key):
     return out
 
 
-def popen_train(args, cwd, log_file):
+def popen_train(args, cwd, log_file, group=False):
+    """`python -m hybridlm.train args`; group=True: in a session of its own, so os.killpg(proc.pid) reaches every
+    process it starts (the DDP ranks)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
     env.pop("WANDB_API_KEY", None)
     return subprocess.Popen([sys.executable, "-m", "hybridlm.train", *args], cwd=cwd, env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT)
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=group)
 
 
 def logged_steps(run_dir):
@@ -84,21 +88,30 @@ def logged_steps(run_dir):
     return {int(r["step"]) for r in csv.DictReader(open(path, newline="")) if r.get("train/loss")}
 
 
-def kill_after_checkpoint(args, run_dir, cwd, step, timeout=120):
+def kill_after_checkpoint(args, run_dir, cwd, step, timeout=120, group=False):
     """Start a run, wait until the checkpoint at `step` exists and a later step was logged (so the resume must
-    drop rows and redo work), then SIGKILL it."""
-    with open(cwd / f"{Path(run_dir).name}.out", "w") as out:
-        proc = popen_train([*args, f"hydra.run.dir={run_dir}"], cwd, out)
+    drop rows and redo work), then SIGKILL it; group=True kills its whole process group at once (every DDP rank,
+    as a node preemption does: killing rank 0 alone would leave rank 1 waiting in a collective)."""
+    out_path = cwd / f"{Path(run_dir).name}.out"
+    with open(out_path, "w") as out:
+        proc = popen_train([*args, f"hydra.run.dir={run_dir}"], cwd, out, group)
         ckpt = Path(run_dir) / "checkpoints" / f"step{step:06d}.ckpt"
         deadline = time.time() + timeout
-        while not (ckpt.is_file() and max(logged_steps(run_dir), default=-1) > step) and proc.poll() is None:
-            assert time.time() < deadline, "the run did not reach its checkpoint in time"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        try:
+            while not (ckpt.is_file() and max(logged_steps(run_dir), default=-1) > step) and proc.poll() is None:
+                assert time.time() < deadline, ("the run did not reach its checkpoint in time:\n"
+                                                 + out_path.read_text(errors="replace")[-3000:])
+                time.sleep(0.005)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # the whole group may have exited already
+                if group:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.send_signal(signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL, (
         f"the run ended on its own (exit {proc.returncode}) before it could be killed:\n"
-        + (cwd / f"{Path(run_dir).name}.out").read_text()[-3000:])
+        + out_path.read_text(errors="replace")[-3000:])
 
 
 def model_and_optimizer(ckpt_path):

@@ -3,16 +3,19 @@ whole process group is SIGKILLed after a checkpoint (as a node preemption does; 
 leave rank 1 hung in a collective) and restarted with resume=auto logs the same per-step losses, bit for bit,
 as a run never interrupted, and ends with the same weights and optimizer state. state_passing is the hard
 case: each rank passes its own states and draws its own resets, so each rank's buffers must come back."""
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from test_cli import TINY, run_train
-from test_resume import assert_same_final_state, csv_rows, logged_steps, model_and_optimizer, per_step
+from test_resume import (
+    assert_same_final_state,
+    csv_rows,
+    kill_after_checkpoint,
+    logged_steps,
+    model_and_optimizer,
+    per_step,
+)
 
 STEPS = 12
 CKPT_STEP = 4
@@ -42,33 +45,6 @@ def run_ddp(args, run_dir: Path, cwd: Path, timeout: float = 240):
         raise AssertionError(f"the run did not end in {timeout:.0f}s\n{out[-3000:]}\n{logs}") from None
 
 
-def kill_group_after_checkpoint(args, run_dir: Path, cwd: Path, step: int, timeout: float = 300) -> None:
-    """Start a DDP run in a session of its own, wait until the checkpoint at `step` exists and a later step was
-    logged (so the resume must drop rows and redo work), then SIGKILL every process of the group at once."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    out_path = cwd / f"{run_dir.name}.out"
-    ckpt = run_dir / "checkpoints" / f"step{step:06d}.ckpt"
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "hybridlm.train", *args, f"hydra.run.dir={run_dir}"],
-                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.time() + timeout
-            while not (ckpt.is_file() and max(logged_steps(run_dir), default=-1) > step) and proc.poll() is None:
-                if time.time() > deadline:
-                    raise AssertionError(f"the run did not reach its step-{step} checkpoint in {timeout:.0f}s:\n"
-                                         + tail(out_path))
-                time.sleep(0.02)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the session leader's pid is the group id: rank 0 and rank 1
-            except ProcessLookupError:
-                pass  # the whole group has already exited
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (
-        f"the run ended on its own (exit {proc.returncode}) before it could be killed:\n{tail(out_path)}")
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_ddp_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
     args = [*RUN, *INTERVENTIONS[name]]
@@ -76,7 +52,7 @@ def test_ddp_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
     run_ddp(args, ref_dir, tmp_path)
 
     crashed = tmp_path / "out" / "exp" / "run1"
-    kill_group_after_checkpoint(args, crashed, tmp_path, step=CKPT_STEP)
+    kill_after_checkpoint(args, crashed, tmp_path, step=CKPT_STEP, timeout=300, group=True)
     killed_at = max(logged_steps(crashed))
     # resume=auto takes the newest checkpoint: a step checkpoint, last.ckpt, or best.ckpt written after validation
     resumed_from = max(model_and_optimizer(p)[0] for p in (crashed / "checkpoints").glob("*.ckpt"))

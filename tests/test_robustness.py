@@ -1,6 +1,6 @@
 """Runs that survive: bounded checkpoints, corrupt checkpoints on resume, inputs that must not run code or
-silently misload, the numerical guard, and a W&B that cannot start. Training runs go through runner.train,
-what `python -m hybridlm.train` calls, in this process."""
+silently misload, and the numerical guard (a W&B that cannot start: test_wandb.py). Training runs go through
+runner.train, what `python -m hybridlm.train` calls, in this process."""
 import json
 import logging
 import os
@@ -156,7 +156,7 @@ class Payload:
         return os.mkdir, (self.marker,)
 
 
-def test_checkpoints_that_would_run_code_are_refused(tmp_path, monkeypatch):
+def test_checkpoints_that_would_run_code_are_refused(tmp_path):
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"model.w": torch.zeros(2)}, "global_step": 1, "x": Payload(marker)}, evil)
@@ -323,7 +323,3 @@ def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path, monkeypatch):
         train_in_process(run, [*GUARD_RUN, "trainer.max_steps=8"], monkeypatch, [CorruptWeights(4)])
     assert ckpt_names(run) == ["last.ckpt", "step000002.ckpt"]
     assert ckpt_step(run / "checkpoints" / "last.ckpt") == 2 and all_finite(run / "checkpoints" / "last.ckpt")
-
-
-# ---------------------------------------------------------------------------------------------------- W&B
-

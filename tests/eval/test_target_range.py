@@ -15,8 +15,9 @@ def seqs(n, L, vocab=23, seed=0):
     return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
 
 
-def masked_reference(model, x, lo, hi, T):
-    """Per-bucket masked mean loss, the [T/2, T) masked mean and the last-bucket ratio, from one full pass."""
+def masked_reference(model, x, lo, hi):
+    """From one full pass: mean(a, b), the masked mean loss over positions [a, b); the per-token loss (n, L-1);
+    the mask of targets in [lo, hi) (n, L-1)."""
     logits, _ = model(x[:, :-1])
     targets = x[:, 1:]
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").double()  # (n, L-1)
@@ -34,7 +35,7 @@ def test_target_loss_equals_masked_cross_entropy(chunk_len, batch_size):
     x = seqs(6, 41)
     lo, hi, T = 3, 11, 8
     r = loss_by_position(model, x, chunk_len, T, batch_size, target_range=(lo, hi))
-    mean, ce, m = masked_reference(model, x, lo, hi, T)
+    mean, ce, m = masked_reference(model, x, lo, hi)
     tg = r.target
     assert r.edges == [0, 1, 2, 4, 8, 16, 32, 40]
     for (a, b), got in zip(zip(r.edges[:-1], r.edges[1:]), tg.bucket_loss):
@@ -58,7 +59,7 @@ def test_report_has_target_column_scalar_and_curve(tmp_path):
     x = seqs(4, 65)
     cfg = EvalConfig(diagnostics=["loss_by_position"], max_len=65, n_sequences=4, target_id_range=[3, 11])
     res = run_length_report(model, x, cfg, tmp_path, train_len=8)
-    mean, _, _ = masked_reference(model.double(), x, 3, 11, 8)
+    mean, _, _ = masked_reference(model.double(), x, 3, 11)
     assert math.isclose(res["loss_by_position"]["target_last_bucket_over_train_half"], mean(32, 64) / mean(4, 8),
                         rel_tol=1e-4)
     table = json.loads((tmp_path / "loss_by_position.json").read_text())

@@ -7,7 +7,7 @@ sequential-scan Mamba-2 (benchmarks/naive_mamba2.py).
 The machine is shared and noisy, so:
 - throughput: hybridlm and transformers (same chunk size) live in one process and alternate step by step; the
   speed ratio is taken per pair of neighbouring steps, then the median (a load spike hits both sides of a pair);
-- peak memory: each (model, chunk) runs a few steps alone in a fresh process (own peak RSS via getrusage, own
+- peak memory: each (model, chunk) runs a few steps alone in a fresh process (own peak RSS, common.peak_rss_mb, own
   allocator; torch.cuda.max_memory_allocated on a GPU), which also counts the step's FLOPs.
 """
 from __future__ import annotations

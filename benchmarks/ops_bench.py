@@ -37,8 +37,8 @@ def _time(fn, args, backward: bool, repeats: int) -> float:
 def ssd_rows(repeats: int) -> list[dict]:
     from transformers.models.mamba2 import modeling_mamba2
 
-    from hybridlm.ops.ssd import ssd_scan_torch
-    from kernels.ssd.naive import ssd_scan_naive
+    from hybridlm.kernels.ssd.naive import ssd_scan_naive
+    from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     def ours(x, dt, A, Bm, Cm, D, chunk):
@@ -63,8 +63,9 @@ def ssd_rows(repeats: int) -> list[dict]:
 def attention_rows(repeats: int) -> list[dict]:
     import torch.nn.functional as F
 
-    from hybridlm.ops.attention import window_attention_torch
-    from hybridlm.ops.span_attention import block_summaries, select_blocks, span_attention_torch
+    from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
+    from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
+    from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 
     def inputs(requires_grad):
         g = torch.Generator().manual_seed(1)

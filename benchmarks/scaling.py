@@ -15,7 +15,7 @@ AH, AD, W, M, C, TOP_K = 4, 32, 256, 64, 64, 4  # attention: 4 heads of 32
 
 
 def _ssd(L: int):
-    from hybridlm.ops.ssd import ssd_scan_torch
+    from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
 
     x, Bm, Cm = torch.randn(1, L, H, P), torch.randn(1, L, 1, N), torch.randn(1, L, 1, N)
     dt, A = torch.rand(1, L, H) * 0.1, -torch.linspace(1, 16, H)
@@ -27,14 +27,15 @@ def _qkv(L: int):
 
 
 def _swa(L: int):
-    from hybridlm.ops.attention import window_attention_torch
+    from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 
     q, k, v = _qkv(L)
     return lambda: window_attention_torch(q, k, v, W)
 
 
 def _span(L: int):
-    from hybridlm.ops.span_attention import block_summaries, select_blocks, span_attention_torch
+    from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
+    from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
 
     q, k, v = _qkv(L)
 

@@ -28,10 +28,10 @@ import yaml
 
 from hybridlm.data.synthetic import passkey_prompt
 from hybridlm.data.tokenizers import ByteTokenizer
+from hybridlm.kernels.span_attention.selection import candidate_mask
 from hybridlm.models.checkpoints import load_pretrained, load_state_dict_checked
 from hybridlm.models.hybrid_lm import HybridLM
 from hybridlm.models.se_attention import SpanExpandedAttention
-from hybridlm.ops.span_attention import candidate_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SE_ATTN = yaml.safe_load((REPO / "conf/model/attention/se_attn.yaml").read_text())

@@ -46,9 +46,10 @@ VARIANTS = {
     "full": ["model/attention=full"],
     "s2": ["model/attention=s2"],
     "se_attn": ["model/attention=se_attn"],
-    # SE-Attn scores a query chunk with the C queries *before* it (causal scoring, ops/span_attention.py). With
-    # C = 64 the chunk holding a training row's answer (positions 1018-1023) is scored with filler queries
-    # (897-960), never with the 37-token question; with C = 16 it is scored with queries inside the question.
+    # SE-Attn scores a query chunk with the C queries *before* it (causal scoring,
+    # kernels/span_attention/selection.py). With C = 64 the chunk holding a training row's answer (positions
+    # 1018-1023) is scored with filler queries (897-960), never with the 37-token question; with C = 16 it is
+    # scored with queries inside the question.
     "se_attn_c16": ["model/attention=se_attn", "model.attn.query_chunk=16"],
 }
 ADAPTERS = ("lora_plus", "hylora")

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from hybridlm import ops
+from hybridlm.kernels.span_attention.selection import SCORERS, block_summaries, select_blocks
 from hybridlm.models.attention import Attention
 from hybridlm.models.config import AttentionConfig
-from hybridlm.ops.span_attention import SCORERS, block_summaries, select_blocks
 
 
 class SpanExpandedAttention(Attention):

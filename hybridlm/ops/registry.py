@@ -6,8 +6,9 @@ A backend declares
 - `verify(*args, **kwargs)`: None when it accepts this particular call, else the reason it declines
   (dtype, device, shape); a decline falls through to the next backend of the chain and is logged once
   per (op, backend, reason),
-- `load`: "module:function"; imported only when the backend is selected, so e.g. triton is never imported
+- `load()`: returns the implementation, importing its module only then, so e.g. triton is never imported
   unless a triton backend runs (TRITON_INTERPRET must be set before that import).
+Each op's folder in hybridlm.kernels (e.g. kernels/ssd/__init__.py) registers its own backends.
 
 `configure()` resolves, once, a chain per op (chosen backend, then torch as the last resort), imports the
 chosen functions and stores the chains in a plain dict; a call is a dict read plus the verifiers, so
@@ -16,7 +17,6 @@ nothing configured resolves `auto` on its first call, which inside a compiled re
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +29,8 @@ from hybridlm.ops.config import BackendConfig
 log = logging.getLogger(__name__)
 
 BACKEND_NAMES = ("torch", "triton", "mamba_ssm")
+# Under `auto` the highest-priority backend that can run wins.
+PRIORITY = {"torch": 0, "triton": 10, "mamba_ssm": 20}
 # Per-op environment overrides: HYBRIDLM_BACKEND_<suffix>=torch|triton|mamba_ssm.
 ENV_SUFFIX = {"ssd_scan": "SSD", "causal_conv1d": "CONV", "window_attention": "WINDOW_ATTN",
               "span_attention": "SPAN_ATTN"}
@@ -48,7 +50,7 @@ class Backend:
     op: str
     name: str
     priority: int
-    load: str  # "package.module:function"
+    load: Callable[[], Callable]  # returns the implementation; imports its module only when called
     available: Callable[[], Reason] = lambda: None
     verify: Optional[Callable[..., Reason]] = None
     # Reason to skip the backend under `auto` although it can run (e.g. the Triton CPU interpreter: correct
@@ -63,8 +65,7 @@ class Backend:
         return self._fn
 
     def import_fn(self) -> None:
-        module, attr = self.load.split(":")
-        self._fn = getattr(importlib.import_module(module), attr)
+        self._fn = self.load()
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}

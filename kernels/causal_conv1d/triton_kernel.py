@@ -146,7 +146,7 @@ def causal_conv1d_triton(
     bias: Optional[Tensor],  # (d,)
     conv_state: Optional[Tensor] = None,  # (b, k-1, d): the last k-1 inputs before x; None means zeros
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as hybridlm.ops.conv.causal_conv1d_torch: y (b, l, d) (no activation), new state (b, k-1, d)."""
+    """Same contract as causal_conv1d_torch (torch_ref.py): y (b, l, d) (no activation), new state (b, k-1, d)."""
     b, l, d = x.shape
     k = weight.shape[-1]
     state = conv_state.to(x.dtype) if conv_state is not None else None

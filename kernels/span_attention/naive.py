@@ -1,6 +1,6 @@
 """Span-expanded attention by an explicit (Lq x Lk) mask: the reference for the kernels.
 
-Semantics of hybridlm.ops.span_attention.span_attention_torch: query i (key index t_i = i + Lk - Lq, chunk
+Semantics of span_attention_torch (torch_ref.py): query i (key index t_i = i + Lk - Lq, chunk
 n = i // C) sees its causal window {t_i - W < j <= t_i} and the keys j of its chunk's selected blocks
 (j // M in selected[b, kv, n], block >= 0) with j <= t_i - W, all in one softmax.
 """
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels.window_attention.naive import masked_attention_naive, window_mask
+from hybridlm.kernels.window_attention.naive import masked_attention_naive, window_mask
 
 
 def span_mask(selected: Tensor, lq: int, lk: int, window: int, block_size: int, query_chunk: int) -> Tensor:

@@ -1,5 +1,5 @@
 """Span-expanded attention (SE-Attn) in Triton: one online softmax over a query chunk's retrieved blocks and
-its causal sliding window; forward and backward. Semantics: hybridlm.ops.span_attention.span_attention_torch.
+its causal sliding window; forward and backward. Semantics: span_attention_torch in torch_ref.py.
 
 Forward / dq: a program owns BLOCK_M queries of one query chunk (so they share the chunk's `selected` row),
 streams the top_k selected blocks (keys j <= t_i - W) and then the window keys, reusing the window-attention
@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.window_attention.triton import (
+from hybridlm.kernels.window_attention.triton_kernel import (
     BLOCK_M,
     BLOCK_N,
     _attend_range,
@@ -183,7 +183,7 @@ def span_attention_triton(
     query_chunk: int,
     softmax_scale: Optional[float] = None,
 ) -> Tensor:
-    """Same contract as hybridlm.ops.span_attention.span_attention_torch (with v's head dim equal to q's)."""
+    """Same contract as span_attention_torch (torch_ref.py), with v's head dim equal to q's."""
     n_chunks = -(-q.shape[2] // query_chunk)
     expect = (q.shape[0], k.shape[1], n_chunks)
     if tuple(selected.shape[:3]) != expect:

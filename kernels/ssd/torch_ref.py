@@ -12,7 +12,7 @@ Why a custom autograd.Function: autograd through the einsum formulation saved ~1
 layer and ran its products on permuted, non-contiguous layouts. Here the forward saves only the states entering
 each chunk, the backward recomputes the rest, and heads that share a B/C group are batched into one matmul
 (the heads of a group sit next to each other, so (heads, headdim) flattens into one dimension).
-The backward is the same derivation as kernels/ssd/chunk.py (the Triton kernels).
+The backward is the same derivation as triton_kernel.py (the Triton kernels).
 """
 from __future__ import annotations
 

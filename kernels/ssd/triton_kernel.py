@@ -319,5 +319,5 @@ def ssd_scan_triton(
     D: Optional[Tensor] = None,  # (h,)
     initial_state: Optional[Tensor] = None,  # (b, h, p, n)
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as hybridlm.ops.ssd.ssd_scan_torch: y (b, l, h, p) in x's dtype, final state fp32."""
+    """Same contract as ssd_scan_torch (torch_ref.py): y (b, l, h, p) in x's dtype, final state fp32."""
     return _SSDChunkScan.apply(x, dt, A, B, C, D, initial_state, chunk_size)

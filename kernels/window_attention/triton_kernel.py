@@ -5,7 +5,7 @@ max / normaliser (online softmax), so memory is O(L d) and cost O(L (W + BLOCK_M
 Backward recomputes the probabilities from the saved log-sum-exp: one kernel per query block for dq, one
 per key block for dk/dv (looping over the query heads that share the key head, so GQA needs no atomics).
 
-Convention (as hybridlm.ops.attention): k/v hold Lk >= Lq positions and the last Lq belong to the queries;
+Convention (as torch_ref.py): k/v hold Lk >= Lq positions and the last Lq belong to the queries;
 query i sits at key index qi = i + Lk - Lq and sees key j iff j <= qi and (no window or j > qi - window).
 The jit helpers `_attend_range`, `_dq_range`, `_dkdv_range` are shared with the span-attention kernels.
 """
@@ -254,6 +254,6 @@ def window_attention_triton(
     window: Optional[int] = None,
     softmax_scale: Optional[float] = None,
 ) -> Tensor:
-    """Same contract as hybridlm.ops.attention.window_attention_torch."""
+    """Same contract as window_attention_torch (torch_ref.py)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return _WindowAttention.apply(q, k, v, window, scale)

@@ -1,18 +1,18 @@
-"""Triton causal conv1d (kernels/causal_conv1d/triton.py) against the per-timestep loop (kernels/causal_conv1d/naive.py)
-and the torch op: outputs, new state and the gradients of x, weight, bias and conv_state (through y and the new
-state), streaming in pieces, strided inputs, bf16, and routing through the op registry. CPU under the Triton
-interpreter (see conftest.py)."""
+"""Triton causal conv1d (kernels/causal_conv1d/triton_kernel.py) against the per-timestep loop
+(kernels/causal_conv1d/naive.py) and the torch op: outputs, new state and the gradients of x, weight, bias and
+conv_state (through y and the new state), streaming in pieces, strided inputs, bf16, and routing through the op
+registry. CPU under the Triton interpreter (see conftest.py)."""
 import logging
 import random
 
 import pytest
 import torch
 
-import kernels.causal_conv1d.triton as kmod
+import hybridlm.kernels.causal_conv1d.triton_kernel as kmod
 from hybridlm import ops
-from hybridlm.ops.conv import causal_conv1d_torch
-from kernels.causal_conv1d.naive import causal_conv1d_naive
-from kernels.causal_conv1d.triton import BLOCK_D, BLOCK_L, causal_conv1d_triton
+from hybridlm.kernels.causal_conv1d.naive import causal_conv1d_naive
+from hybridlm.kernels.causal_conv1d.torch_ref import causal_conv1d_torch
+from hybridlm.kernels.causal_conv1d.triton_kernel import BLOCK_D, BLOCK_L, causal_conv1d_triton
 
 NAMES = ("x", "weight", "bias", "conv_state")
 

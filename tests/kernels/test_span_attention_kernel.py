@@ -3,9 +3,10 @@ against hybridlm's torch op: outputs and gradients of q, k, v, fp32 on CPU under
 import pytest
 import torch
 
-from hybridlm.ops.span_attention import block_summaries, select_blocks, span_attention_torch
-from kernels.span_attention.naive import span_attention_naive
-from kernels.span_attention.triton import span_attention_triton
+from hybridlm.kernels.span_attention.naive import span_attention_naive
+from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
+from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
+from hybridlm.kernels.span_attention.triton_kernel import span_attention_triton
 
 
 def check(q, k, v, selected, W, M, C):

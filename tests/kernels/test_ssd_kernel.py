@@ -1,12 +1,12 @@
-"""Triton chunked SSD scan (kernels/ssd/chunk.py) against the token-by-token recurrence (kernels/ssd/naive.py)
+"""Triton chunked SSD scan (kernels/ssd/triton_kernel.py) against the token-by-token recurrence (kernels/ssd/naive.py)
 and the torch chunked reference: outputs, final state and the gradients of all inputs, fp32 on CPU under the
 Triton interpreter (see conftest.py)."""
 import pytest
 import torch
 
-from hybridlm.ops.ssd import ssd_scan_torch
-from kernels.ssd.chunk import ssd_scan_triton
-from kernels.ssd.naive import ssd_scan_naive
+from hybridlm.kernels.ssd.naive import ssd_scan_naive
+from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
+from hybridlm.kernels.ssd.triton_kernel import ssd_scan_triton
 
 NAMES = ("x", "dt", "A", "B", "C", "D", "initial_state")
 

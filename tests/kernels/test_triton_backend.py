@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from hybridlm import ops
+from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 from hybridlm.models import AttentionConfig, SSMConfig
 from hybridlm.models.attention import Attention
 from hybridlm.models.mamba2 import Mamba2
-from hybridlm.ops.attention import window_attention_torch
 
 
 @pytest.fixture

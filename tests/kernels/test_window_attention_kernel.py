@@ -3,9 +3,9 @@ gradients of q, k, v), fp32 on CPU under the Triton interpreter (see conftest.py
 import pytest
 import torch
 
-from hybridlm.ops.attention import window_attention_torch
-from kernels.window_attention.naive import window_attention_naive
-from kernels.window_attention.triton import window_attention_triton
+from hybridlm.kernels.window_attention.naive import window_attention_naive
+from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
+from hybridlm.kernels.window_attention.triton_kernel import window_attention_triton
 
 
 @pytest.mark.parametrize("b,h,hkv,lq,lk,d,window", [

@@ -1,19 +1,17 @@
 """Span-Expanded Attention (DESIGN §4): the op against a dense mask built with loops, selection against a
 brute-force top-k, the limiting cases (sliding window, full attention), causality, and streaming."""
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+import hybridlm.kernels.span_attention.torch_ref as span_ops
+from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
+from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
+from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
 from hybridlm.models.attention import Attention
 from hybridlm.models.se_attention import SpanExpandedAttention
-from hybridlm.ops.attention import window_attention_torch
-from hybridlm.ops.span_attention import block_summaries, select_blocks, span_attention_torch
-
-span_ops = importlib.import_module("hybridlm.ops.span_attention")  # the package's `span_attention` is the op
 
 
 def rand_qkv(b=2, h=4, hkv=2, lq=23, lk=23, d=8, seed=0):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hybridlm.ops.conv import causal_conv1d_torch
-from hybridlm.ops.ssd import ssd_scan_torch
+from hybridlm.kernels.causal_conv1d.torch_ref import causal_conv1d_torch
+from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
 
 
 def naive_ssd(x, dt, A, B, C, D, h0):

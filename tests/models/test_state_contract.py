@@ -179,7 +179,7 @@ def test_attention_mixer_matches_naive(kind, window, kv):
 
 
 def test_long_sliding_window_uses_blocked_path_and_matches_dense(monkeypatch):
-    import hybridlm.ops.attention as att
+    import hybridlm.kernels.window_attention.torch_ref as att
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 300, 8, dtype=torch.double) for _ in range(3))
     dense = att.window_attention_torch(q, k, v, window=37)

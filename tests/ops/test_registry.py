@@ -1,18 +1,19 @@
 """Backend registry: selection (auto / named / per-op config / env override), clear errors for backends that
 cannot run here, fall-through on a per-call decline logged once, and the op wrappers' argument wiring."""
 import logging
+import operator
 
 import pytest
 import torch
 
 from hybridlm import ops
+from hybridlm.kernels.causal_conv1d.torch_ref import causal_conv1d_torch
+from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
+from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
+from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 from hybridlm.ops import registry
-from hybridlm.ops.attention import window_attention_torch
 from hybridlm.ops.config import BackendConfig
-from hybridlm.ops.conv import causal_conv1d_torch
 from hybridlm.ops.registry import Backend, BackendUnavailableError
-from hybridlm.ops.span_attention import span_attention_torch
-from hybridlm.ops.ssd import ssd_scan_torch
 
 ENV_VARS = ["HYBRIDLM_BACKEND_SSD", "HYBRIDLM_BACKEND_CONV", "HYBRIDLM_BACKEND_WINDOW_ATTN",
             "HYBRIDLM_BACKEND_SPAN_ATTN", "HYBRIDLM_BACKEND_TOY", "TRITON_INTERPRET"]
@@ -32,9 +33,10 @@ def toy(monkeypatch):
     """A fake op `toy` on numbers: torch = abs, triton = negation (declines negative inputs), mamba_ssm = str
     (unavailable), so the result shows which backend ran."""
     impls = {
-        "torch": Backend("toy", "torch", 0, "builtins:abs"),
-        "triton": Backend("toy", "triton", 10, "operator:neg", verify=lambda x: "negative input" if x < 0 else None),
-        "mamba_ssm": Backend("toy", "mamba_ssm", 20, "builtins:str", available=lambda: "no GPU in this test"),
+        "torch": Backend("toy", "torch", 0, lambda: abs),
+        "triton": Backend("toy", "triton", 10, lambda: operator.neg,
+                          verify=lambda x: "negative input" if x < 0 else None),
+        "mamba_ssm": Backend("toy", "mamba_ssm", 20, lambda: str, available=lambda: "no GPU in this test"),
     }
     monkeypatch.setitem(registry._BACKENDS, "toy", impls)
     return impls

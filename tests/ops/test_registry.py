@@ -2,6 +2,8 @@
 cannot run here, fall-through on a per-call decline logged once, and the op wrappers' argument wiring."""
 import logging
 import operator
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -120,3 +122,12 @@ def test_op_wrappers_pass_arguments_through():
     selected = torch.tensor([[[[0, -1], [0, 1], [1, 0]]]])
     torch.testing.assert_close(ops.span_attention(q, k, v, selected, 3, 2, 3, softmax_scale=0.5),
                                span_attention_torch(q, k, v, selected, 3, 2, 3, softmax_scale=0.5))
+
+
+def test_importing_an_op_module_first_registers_every_op_in_order():
+    """The op folders import hybridlm.ops.registry and hybridlm.ops imports the op folders: a fresh interpreter that
+    imports an op's module before hybridlm.ops still ends with every op registered, in the describe() order."""
+    code = ("import hybridlm.kernels.span_attention.selection; from hybridlm.ops import registry; "
+            "print(*registry._BACKENDS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["ssd_scan", "causal_conv1d", "window_attention", "span_attention"]

@@ -1,24 +1,12 @@
-"""The chunked SSD scan and the causal conv against naive loops over time written here."""
+"""The chunked SSD scan and the causal conv against the naive loops over time shipped beside them
+(kernels/ssd/naive.py, kernels/causal_conv1d/naive.py)."""
 import pytest
 import torch
 
+from hybridlm.kernels.causal_conv1d.naive import causal_conv1d_naive
 from hybridlm.kernels.causal_conv1d.torch_ref import causal_conv1d_torch
+from hybridlm.kernels.ssd.naive import ssd_scan_naive
 from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
-
-
-def naive_ssd(x, dt, A, B, C, D, h0):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ;  y_t = C_t h_t + D x_t, one step at a time in float64."""
-    b, l, nh, p = x.shape
-    g = B.shape[2]
-    x, dt, A, B, C, D, h = (t.double() for t in (x, dt, A, B, C, D, h0))
-    ys = []
-    for t in range(l):
-        Bt = B[:, t].repeat_interleave(nh // g, dim=1)  # (b, nh, n)
-        Ct = C[:, t].repeat_interleave(nh // g, dim=1)
-        decay = torch.exp(dt[:, t] * A)  # (b, nh)
-        h = decay[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", h, Ct) + D[:, None] * x[:, t])
-    return torch.stack(ys, dim=1), h
 
 
 @pytest.mark.parametrize("l,chunk,g", [(50, 16, 1), (64, 16, 2), (7, 16, 1), (33, 8, 4)])
@@ -32,7 +20,7 @@ def test_ssd_matches_naive_recurrence_with_initial_state(l, chunk, g):
     D = torch.randn(nh)
     h0 = torch.randn(b, nh, p, n)
     y, h = ssd_scan_torch(x, dt, A, B, C, chunk, D=D, initial_state=h0)
-    y_ref, h_ref = naive_ssd(x, dt, A, B, C, D, h0)
+    y_ref, h_ref = ssd_scan_naive(*(t.double() for t in (x, dt, A, B, C, D, h0)))  # the recurrence in float64
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h.double(), h_ref, rtol=1e-4, atol=1e-4)
 
@@ -49,7 +37,7 @@ def test_ssd_gradients_match_naive():
     grads = [a.grad.clone() for a in args]
     for a in args:
         a.grad = None
-    y2, h2 = naive_ssd(*args)
+    y2, h2 = ssd_scan_naive(*args)
     (y2.sum() + (h2 ** 2).sum()).backward()
     for g1, a in zip(grads, args):
         torch.testing.assert_close(g1, a.grad, rtol=1e-6, atol=1e-6)
@@ -60,9 +48,7 @@ def test_causal_conv_matches_loop_and_streams():
     b, l, d, k = 2, 9, 6, 4
     x, w, bias = torch.randn(b, l, d), torch.randn(d, 1, k), torch.randn(d)
     y, state = causal_conv1d_torch(x, w, bias)
-    xp = torch.cat([torch.zeros(b, k - 1, d), x], dim=1)
-    ref = torch.stack([(xp[:, t:t + k] * w[:, 0].T).sum(1) + bias for t in range(l)], dim=1)
-    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y, causal_conv1d_naive(x, w, bias)[0])
     torch.testing.assert_close(state, x[:, -(k - 1):])
     # pieces shorter than k-1 carry the state correctly
     y1, s1 = causal_conv1d_torch(x[:, :2], w, bias)

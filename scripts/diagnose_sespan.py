@@ -63,8 +63,8 @@ def load(ckpt: Path, kind: str, query_chunk: int) -> HybridLM:
 
 
 def attention_layer(model: HybridLM):
-    (idx,) = [i for i, k in enumerate(model.cfg.layer_pattern) if k == "A"]  # this experiment has one
-    return model.backbone.layers[idx].mixer
+    ((_, mixer),) = model.attention_layers()  # this experiment has one
+    return mixer
 
 
 @torch.no_grad()

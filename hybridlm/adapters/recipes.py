@@ -21,16 +21,12 @@ def recipe_attention_kind(cfg: AdapterConfig) -> str | None:
     return "s2" if cfg.name == "longlora" else None
 
 
-def _layers(model: HybridLM, kind: str) -> list[int]:
-    return [i for i, k in enumerate(model.cfg.layer_pattern) if k == kind]
-
-
 def lora_targets(model: HybridLM, cfg: AdapterConfig) -> list[str]:
     """Full module names that get LoRA under the recipe."""
     if cfg.name not in ("lora", "lora_plus", "hylora", "longlora"):
         return []
-    kinds = ("A", "M") if cfg.name == "hylora" else ("A",)
-    return [f"backbone.layers.{i}.mixer.{p}" for kind in kinds for i in _layers(model, kind) for p in _PROJECTIONS]
+    layers = model.attention_layers() + (model.mamba_layers() if cfg.name == "hylora" else [])
+    return [f"backbone.layers.{i}.mixer.{p}" for i, _ in layers for p in _PROJECTIONS]
 
 
 def recipe_base_parameters(model: HybridLM, cfg: AdapterConfig) -> list[str]:
@@ -47,9 +43,8 @@ def recipe_base_parameters(model: HybridLM, cfg: AdapterConfig) -> list[str]:
         if isinstance(mod, (RMSNorm, RMSNormGated)):
             names.append(f"{mod_name}.weight")
     if cfg.name == "hylora":
-        for i in _layers(model, "M"):
-            conv = model.backbone.layers[i].mixer.conv1d
-            names += [f"backbone.layers.{i}.mixer.conv1d.{n}" for n, _ in conv.named_parameters()]
+        for i, mixer in model.mamba_layers():
+            names += [f"backbone.layers.{i}.mixer.conv1d.{n}" for n, _ in mixer.conv1d.named_parameters()]
     return names
 
 

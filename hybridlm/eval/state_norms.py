@@ -13,7 +13,6 @@ import torch
 from torch import Tensor
 
 from hybridlm.eval.streaming import chunks, model_device
-from hybridlm.models.mamba2 import Mamba2
 
 
 @dataclass
@@ -29,7 +28,7 @@ class StateNorms:
 
 @torch.no_grad()
 def state_norms(model, sequences: Tensor, every: int, batch_size: int = 8) -> StateNorms:
-    layers = [i for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, Mamba2)]
+    layers = [i for i, _ in model.mamba_layers()]
     if not layers:
         raise ValueError("state_norms: the model has no Mamba-2 layer")
     n, L = sequences.shape

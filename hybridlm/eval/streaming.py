@@ -1,5 +1,5 @@
 """Streaming evaluation through the state contract: a sequence is fed in chunks with the state passed along,
-so activation memory depends on the chunk length, not on the sequence length (DESIGN §2)."""
+so activation memory depends on the chunk length, not on the sequence length (docs/design.md §2)."""
 from __future__ import annotations
 
 from collections.abc import Iterator

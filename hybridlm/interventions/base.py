@@ -11,9 +11,9 @@ when it saves) gathers each rank's own state to rank 0 as {"ranks": [state of ra
 `load_state_dict` (every rank reads the same file) restores the entry of its own rank. A rank the checkpoint has no
 entry for (a resume with more processes) starts afresh, with a warning.
 
-Devices: the module's. Dtypes of drawn states (noise, zeros): SSM float32 (float64 for a float64 module), the
-precision the scan computes and returns states in; conv the module's dtype, like the activations it is made of.
-Passed states keep the dtype the model produced them in.
+Drawn states (noise) take the device, shapes and dtypes of the layer's `Mamba2.zero_state`: SSM float32 (float64
+for a float64 model), the precision the scan computes and returns states in; conv the model's dtype, like the
+activations it is made of. Passed states keep the dtype the model produced them in.
 """
 from __future__ import annotations
 
@@ -26,24 +26,11 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from hybridlm.interventions.config import InterventionConfig
-from hybridlm.models.mamba2 import Mamba2
 from hybridlm.models.state import State, map_state
-
-
-def mamba_layers(model) -> list[tuple[int, Mamba2]]:
-    return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers) if isinstance(layer.mixer, Mamba2)]
 
 
 def module_device(pl_module) -> torch.device:
     return next(pl_module.model.parameters()).device
-
-
-def module_dtype(pl_module) -> torch.dtype:
-    return next(pl_module.model.parameters()).dtype
-
-
-def ssm_dtype(pl_module) -> torch.dtype:
-    return torch.promote_types(module_dtype(pl_module), torch.float32)
 
 
 def state_to_cpu(state: State | None) -> State | None:
@@ -142,12 +129,3 @@ class InitialStateCallback(Callback):
                       f"{sorted(saved)} only; rank {self.rank} starts afresh (zero passed states, its RNG reseeded)",
                       stacklevel=2)
         self.load_rank_state_dict({})
-
-
-def zero_like_layer(mixer, batch_size: int, include_conv: bool, device, ssm_dt, conv_dt) -> dict:
-    """The zero initial state of one Mamba-2 layer, as explicit tensors."""
-    out = {"ssm": torch.zeros(batch_size, mixer.nheads, mixer.headdim, mixer.d_state, device=device, dtype=ssm_dt)}
-    if include_conv:
-        out["conv"] = torch.zeros(batch_size, mixer.cfg.d_conv - 1, mixer.conv_dim, device=device, dtype=conv_dt)
-    return out
-

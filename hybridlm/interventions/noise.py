@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hybridlm.interventions.base import InitialStateCallback, mamba_layers, module_device, module_dtype, ssm_dtype
+from hybridlm.interventions.base import InitialStateCallback
 from hybridlm.models.state import State
 
 SSM_GROUP_DIM = 1  # heads in (b, nheads, headdim, d_state)
@@ -72,13 +72,12 @@ class RandomNoiseCallback(InitialStateCallback):
     """Every Mamba-2 layer starts each batch from iid N(0, sigma^2) (one sigma for all layers and heads)."""
 
     def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
-        device, sdt, cdt = module_device(pl_module), ssm_dtype(pl_module), module_dtype(pl_module)
-        state: State = [None] * len(pl_module.model.backbone.layers)
-        sigma = self.cfg.sigma
-        for i, mx in mamba_layers(pl_module.model):
-            state[i] = {"ssm": sigma * self.randn((batch_size, mx.nheads, mx.headdim, mx.d_state), device, sdt)}
-            if self.cfg.include_conv:
-                state[i]["conv"] = sigma * self.randn((batch_size, mx.cfg.d_conv - 1, mx.conv_dim), device, cdt)
+        model = pl_module.model
+        keys = ("ssm", "conv") if self.cfg.include_conv else ("ssm",)
+        state: State = [None] * model.cfg.n_layer
+        for i, mixer in model.mamba_layers():
+            zero = mixer.zero_state(batch_size)
+            state[i] = {k: self.cfg.sigma * self.randn(zero[k].shape, zero[k].device, zero[k].dtype) for k in keys}
         return state
 
     def observe(self, pl_module, final_state: State) -> None:
@@ -105,21 +104,20 @@ class FittedNoiseCallback(InitialStateCallback):
         return r.mean.to(device), r.std().to(device)
 
     def make_initial_state(self, pl_module, batch_size: int, batch_idx: int) -> State | None:
-        device, sdt, cdt = module_device(pl_module), ssm_dtype(pl_module), module_dtype(pl_module)
-        state: State = [None] * len(pl_module.model.backbone.layers)
-        for i, mx in mamba_layers(pl_module.model):
-            shapes = {"ssm": ((batch_size, mx.nheads, mx.headdim, mx.d_state), sdt),
-                      "conv": ((batch_size, mx.cfg.d_conv - 1, mx.conv_dim), cdt)}
+        model = pl_module.model
+        state: State = [None] * model.cfg.n_layer
+        for i, mixer in model.mamba_layers():
+            zero = mixer.zero_state(batch_size)
             state[i] = {}
             for name, gdim in self.entries():
-                shape, dt = shapes[name]
+                shape, dt, device = zero[name].shape, zero[name].dtype, zero[name].device
                 mean, std = self.moments(f"{i}.{name}", shape[gdim], device)
                 noise = self.randn(shape, device, dt)
                 state[i][name] = (_broadcast(mean, len(shape), gdim) + _broadcast(std, len(shape), gdim) * noise).to(dt)
         return state
 
     def observe(self, pl_module, final_state: State) -> None:
-        for i, _ in mamba_layers(pl_module.model):
+        for i, _ in pl_module.model.mamba_layers():
             for name, gdim in self.entries():
                 self.stats.setdefault(f"{i}.{name}", RunningMoments()).update(final_state[i][name], gdim)
 

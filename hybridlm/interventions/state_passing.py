@@ -16,8 +16,6 @@ import torch
 from torch import Tensor
 
 from hybridlm.interventions.base import InitialStateCallback, module_device, state_to_cpu
-from hybridlm.models.attention import Attention
-from hybridlm.models.mamba2 import Mamba2
 from hybridlm.models.state import State, detach_state, map_state, select_rows
 
 
@@ -35,14 +33,14 @@ class StatePassingCallback(InitialStateCallback):
         self.prev: State | None = None  # the kept part of the previous micro-batch's final state, detached
 
     def kept(self, pl_module, final_state: State) -> State:
-        out: State = []
-        for layer, s in zip(pl_module.model.backbone.layers, final_state):
-            if isinstance(layer.mixer, Mamba2):
-                out.append({"ssm": s["ssm"], **({"conv": s["conv"]} if self.cfg.include_conv else {})})
-            elif isinstance(layer.mixer, Attention) and self.cfg.include_attention:
-                out.append(dict(s))
-            else:
-                out.append(None)
+        model = pl_module.model
+        keys = ("ssm", "conv") if self.cfg.include_conv else ("ssm",)
+        out: State = [None] * len(final_state)
+        for i, _ in model.mamba_layers():
+            out[i] = {k: final_state[i][k] for k in keys}
+        if self.cfg.include_attention:
+            for i, _ in model.attention_layers():
+                out[i] = dict(final_state[i])
         return detach_state(out)
 
     def observe(self, pl_module, final_state: State) -> None:
@@ -56,19 +54,17 @@ class StatePassingCallback(InitialStateCallback):
         prev_b = batch_size_of(prev)
         if batch_size <= prev_b:
             state = select_rows(prev, slice(0, batch_size))
-        else:
-            state = [self._grow(s, layer.mixer, batch_size - prev_b)
-                     for layer, s in zip(pl_module.model.backbone.layers, prev)]
+        else:  # Mamba-2 layers gain zero rows; attention layers start empty
+            mamba = {i for i, _ in pl_module.model.mamba_layers()}
+            state = [self._grow(s, batch_size - prev_b) if i in mamba else None for i, s in enumerate(prev)]
         if self.cfg.reset_prob > 0:
             reset = torch.rand(batch_size, generator=self.generator(device), device=device) < self.cfg.reset_prob
             state = map_state(state, lambda t: torch.where(reset.view(-1, *[1] * (t.ndim - 1)), torch.zeros_like(t), t))
         return state
 
     @staticmethod
-    def _grow(s: dict | None, mixer, extra: int) -> dict | None:
-        """Append `extra` zero rows to a Mamba-2 layer state; attention layers start empty (None)."""
-        if s is None or not isinstance(mixer, Mamba2):
-            return None
+    def _grow(s: dict, extra: int) -> dict:
+        """Append `extra` zero rows to every tensor of a Mamba-2 layer state, each in its own dtype."""
         return {k: torch.cat([v, v.new_zeros(extra, *v.shape[1:])]) for k, v in s.items()}
 
     def rank_state_dict(self) -> dict[str, Any]:

@@ -3,8 +3,9 @@ depthwise `conv1d` over qkv, optional rotary on the first `rotary_emb_dim` dims 
 
 Kinds: `full` (causal), `swa` (causal sliding window of `window` keys, itself included), `s2` (S2Attention
 below: LongLoRA's shifted sparse attention in training, full in eval); `se_attn` lives in se_attention.py.
-Streaming state: {"k", "v": (b, hkv, cached, head_dim) after rotary, "pos": tokens seen, "conv": ...};
-full attention caches everything, swa the last window-1 keys.
+Streaming state: {"k", "v": (b, hkv, cached, head_dim) after rotary, "pos": tokens seen, "conv": (b, d_conv-1,
+qkv_dim) with d_conv > 0}; full attention caches everything, swa the last window-1 keys. `zero_state` builds the
+empty cache.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from hybridlm import ops
 from hybridlm.models.config import AttentionConfig
+from hybridlm.models.state import device_dtype
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -54,6 +56,18 @@ class Attention(nn.Module):
     @property
     def window(self) -> Optional[int]:
         return None if self.cfg.kind == "full" else self.cfg.window
+
+    def zero_state(self, batch: int, device=None, dtype=None) -> dict:
+        """The empty cache of `batch` sequences, which forward treats like None: {"k", "v": (batch, num_heads_kv,
+        0, head_dim), "pos": 0} and, with d_conv > 0, "conv": (batch, d_conv-1, qkv_dim) zeros.
+        device and dtype default to the parameters'."""
+        device, dtype = device_dtype(self, device, dtype)
+        kv = (batch, self.num_heads_kv, 0, self.head_dim)
+        state = {"k": torch.zeros(kv, device=device, dtype=dtype), "v": torch.zeros(kv, device=device, dtype=dtype),
+                 "pos": 0}
+        if self.cfg.d_conv > 0:
+            state["conv"] = torch.zeros(batch, self.cfg.d_conv - 1, self.qkv_dim, device=device, dtype=dtype)
+        return state
 
     def forward(self, u: Tensor, state: Optional[dict] = None) -> tuple[Tensor, dict]:
         state = state or {}

@@ -101,6 +101,20 @@ class HybridLM(nn.Module):
         logits = self.lm_head(x.to(self.lm_head.weight.dtype))
         return logits[..., : self.cfg.vocab_size], new_state
 
+    def zero_state(self, batch: int, device=None, dtype=None) -> State:
+        """The explicit initial state of `batch` sequences, one entry per layer: each mixer's `zero_state` (zeros
+        for Mamba-2, an empty cache for attention). Running from it equals running from None. device and dtype
+        default to the parameters' (dtype: the activations'; see each mixer for the dtypes of its entries)."""
+        return [layer.mixer.zero_state(batch, device, dtype) for layer in self.backbone.layers]
+
+    def mamba_layers(self) -> list[tuple[int, Mamba2]]:
+        """(layer index, mixer) of every Mamba-2 layer, in layer order."""
+        return [(i, layer.mixer) for i, layer in enumerate(self.backbone.layers) if isinstance(layer.mixer, Mamba2)]
+
+    def attention_layers(self) -> list[tuple[int, Attention]]:
+        """(layer index, mixer) of every attention layer (any attn.kind: Attention or a subclass), in layer order."""
+        return [(i, layer.mixer) for i, layer in enumerate(self.backbone.layers) if isinstance(layer.mixer, Attention)]
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.backbone.embedding.weight.numel() if non_embedding else n

@@ -6,7 +6,7 @@ dt = clamp(softplus(dt + dt_bias), dt_limit);  A = -exp(A_log)
 y  = SSD(x, dt, A, B, C) + D * x;  out = out_proj(RMSNormGated(y, z))
 
 Streaming state: {"ssm": (b, nheads, headdim, d_state), "conv": (b, d_conv-1, conv_dim)}; a missing
-entry means zeros.
+entry means zeros (`zero_state` builds them explicitly).
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from hybridlm import ops
 from hybridlm.models.config import SSMConfig
 from hybridlm.models.norm import RMSNormGated
+from hybridlm.models.state import device_dtype
 
 
 class Mamba2(nn.Module):
@@ -55,6 +56,16 @@ class Mamba2(nn.Module):
         # These are never weight-decayed (see lit.py's parameter groups).
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
+
+    def zero_state(self, batch: int, device=None, dtype=None) -> dict:
+        """The zero initial state of `batch` sequences, which forward treats like None:
+        {"ssm": (batch, nheads, headdim, d_state), "conv": (batch, d_conv-1, conv_dim)}.
+        device and dtype default to the parameters'. dtype is the conv state's (the activations'); the ssm state
+        is in promote_types(dtype, float32), the precision the scan returns states in."""
+        device, dtype = device_dtype(self, device, dtype)
+        ssm_dtype = torch.promote_types(dtype, torch.float32)
+        return {"ssm": torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device, dtype=ssm_dtype),
+                "conv": torch.zeros(batch, self.cfg.d_conv - 1, self.conv_dim, device=device, dtype=dtype)}
 
     def forward(self, u: Tensor, state: Optional[dict] = None) -> tuple[Tensor, dict]:
         """u: (b, l, d_model) -> (out (b, l, d_model), new state)."""

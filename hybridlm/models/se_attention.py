@@ -14,7 +14,7 @@ Streaming state (every tensor batch-first; a missing key means "empty"):
   "sel"                (b, hkv, top_k) long         absolute blocks selected by the chunk containing `pos`
                                                     (present only while pos is inside a chunk)
   "pos"                int                          tokens seen
-With top_k = 0 nothing is ever retrieved and only "k", "v", "pos" are kept.
+With top_k = 0 nothing is ever retrieved and only "k", "v", "pos" are kept. `zero_state` builds the empty state.
 
 Bank bound (`max_memory_blocks` = B): the candidates of a chunk are only the B most recent blocks that lie
 entirely before its first query's window (one pass applies the same rule, so streaming still equals one pass).
@@ -31,6 +31,7 @@ from hybridlm import ops
 from hybridlm.kernels.span_attention.selection import SCORERS, block_summaries, select_blocks
 from hybridlm.models.attention import Attention
 from hybridlm.models.config import AttentionConfig
+from hybridlm.models.state import device_dtype
 
 
 class SpanExpandedAttention(Attention):
@@ -42,6 +43,20 @@ class SpanExpandedAttention(Attention):
     @property
     def window(self) -> int | None:
         return self.cfg.window
+
+    def zero_state(self, batch: int, device=None, dtype=None) -> dict:
+        """The empty state of `batch` sequences, which forward treats like None: Attention's empty cache and, with
+        top_k > 0, an empty memory bank: "mem_k", "mem_v" (batch, hkv, 0, hd), "mem_sum" (batch, hkv, 0, hd)
+        float32, "q" (batch, h, 0, hd); no "sel" (kept only while a chunk is unfinished). device and dtype default
+        to the parameters'."""
+        device, dtype = device_dtype(self, device, dtype)
+        state = super().zero_state(batch, device, dtype)
+        if self.cfg.top_k > 0:
+            empty = lambda heads, dt: torch.zeros(batch, heads, 0, self.head_dim, device=device, dtype=dt)
+            hkv = self.num_heads_kv
+            state.update(mem_k=empty(hkv, dtype), mem_v=empty(hkv, dtype), mem_sum=empty(hkv, torch.float32),
+                         q=empty(self.num_heads, dtype))
+        return state
 
     def _select(self, q: Tensor, summaries: Tensor, n_keys: int, q_prev: Tensor | None) -> Tensor:
         c = self.cfg

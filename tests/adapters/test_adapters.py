@@ -1,4 +1,4 @@
-"""Adapter recipes (DESIGN §5): exactly the promised parameters train; merge, save and load keep the logits."""
+"""Adapter recipes (docs/design.md §5): exactly the promised parameters train; merge, save and load keep the logits."""
 import dataclasses
 
 import pytest
@@ -32,7 +32,7 @@ def fresh(seed=0, **kw):
 
 
 def expected_trainable(recipe, pattern=PATTERN):
-    """The DESIGN §5 rule, written out name by name."""
+    """The docs/design.md §5 rule, written out name by name."""
     A = [i for i, c in enumerate(pattern) if c == "A"]
     M = [i for i, c in enumerate(pattern) if c == "M"]
     lora = lambda layers: [f"backbone.layers.{i}.mixer.{p}.lora_{ab}.default.weight"

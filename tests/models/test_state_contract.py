@@ -1,4 +1,4 @@
-"""DESIGN §2: running a sequence in pieces with the state passed along equals one pass, for every layer kind;
+"""docs/design.md §2: running a sequence in pieces with the state passed along equals one pass, for every layer kind;
 and each mixer equals a naive per-token computation written here from its raw parameters."""
 import math
 import random
@@ -203,3 +203,74 @@ def test_map_state_keeps_positions():
     _, state = model(torch.randint(0, VOCAB, (1, 5)))
     moved = map_state(state, lambda t: t.float())
     assert moved[1]["pos"] == 5 and moved[0]["ssm"].dtype == torch.float32
+
+
+# ---- the state constructor: zero_state and the layer queries ----
+
+ZERO_STATE_VARIANTS = {
+    **ATTN_VARIANTS,
+    "s2": AttentionConfig(kind="s2", num_heads=4, group_ratio=0.25),
+    "se_attn": AttentionConfig(kind="se_attn", num_heads=4, num_heads_kv=2, window=6, block_size=4, query_chunk=4,
+                               top_k=2, d_conv=3),
+    "se_attn_no_retrieval": AttentionConfig(kind="se_attn", num_heads=4, window=6, block_size=4, query_chunk=4,
+                                            top_k=0),
+}
+
+
+@pytest.mark.parametrize("variant", list(ZERO_STATE_VARIANTS))
+@pytest.mark.parametrize("training", [False, True])
+def test_zero_state_runs_like_no_state(variant, training):
+    """Starting from model.zero_state(b) gives the logits and final state of starting from None."""
+    model = make_model("MAMA", ZERO_STATE_VARIANTS[variant], d_intermediate=16).train(training)
+    ids = torch.randint(0, VOCAB, (3, 23))
+    ref_logits, ref_state = model(ids)
+    logits, state = model(ids, model.zero_state(3))
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
+    assert_states_close(state, ref_state)
+
+
+@pytest.mark.parametrize("variant", ["swa_gqa_rope_conv", "s2", "se_attn", "se_attn_no_retrieval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_zero_state_is_shaped_like_a_final_state(variant, dtype):
+    """Every entry of the zero state has the dtype, device and shape of the entry a forward pass returns; attention
+    caches are empty (length 0 along dim 2) and at position 0. Only SE-Attn's "sel" (kept while a chunk is
+    unfinished, here after 23 tokens in chunks of 4) is absent."""
+    model = make_model("MAM", ZERO_STATE_VARIANTS[variant]).to(dtype).eval()
+    _, final = model(torch.randint(0, VOCAB, (2, 23)))
+    zero = model.zero_state(2)
+    assert len(zero) == len(final) == 3
+    for i, (z, f) in enumerate(zip(zero, final)):
+        assert z.keys() == f.keys() - {"sel"}, i
+        for k, t in z.items():
+            if k == "pos":
+                assert t == 0
+                continue
+            assert (t.dtype, t.device) == (f[k].dtype, f[k].device), (i, k)
+            if model.cfg.layer_pattern[i] == "M":
+                assert t.shape == f[k].shape, (i, k)
+                assert torch.count_nonzero(t) == 0
+            elif k == "conv":
+                assert t.shape == f[k].shape and torch.count_nonzero(t) == 0
+            else:
+                assert t.shape[2] == 0 and t.shape[:2] + t.shape[3:] == f[k].shape[:2] + f[k].shape[3:], (i, k)
+
+
+def test_zero_state_device_and_dtype_arguments():
+    """dtype is the activations' dtype: conv and key/value entries take it, the SSM state is at least float32."""
+    model = make_model("MA", ZERO_STATE_VARIANTS["se_attn"]).float()
+    m, a = model.zero_state(1, device="cpu", dtype=torch.bfloat16)
+    assert m["ssm"].dtype == torch.float32 and m["conv"].dtype == torch.bfloat16
+    assert a["k"].dtype == a["conv"].dtype == a["q"].dtype == torch.bfloat16 and a["mem_sum"].dtype == torch.float32
+    assert m["ssm"].shape == (1, 8, 8, 8) and m["conv"].shape == (1, 3, 64 + 2 * 8)  # nheads = 2*32/8, conv_dim
+    assert a["k"].shape == (1, 2, 0, 8) and a["q"].shape == (1, 4, 0, 8)  # hkv = 2, h = 4, head_dim = 32/4
+    assert all(t.device.type == "cpu" for s in (m, a) for t in s.values() if torch.is_tensor(t))
+
+
+def test_layer_queries_follow_the_layer_pattern():
+    model = make_model("MAAMM", ZERO_STATE_VARIANTS["se_attn"])
+    mamba, attention = model.mamba_layers(), model.attention_layers()
+    assert [i for i, _ in mamba] == [0, 3, 4] and [i for i, _ in attention] == [1, 2]
+    for i, mixer in mamba + attention:
+        assert mixer is model.backbone.layers[i].mixer
+    assert type(attention[0][1]).__name__ == "SpanExpandedAttention"
+    assert make_model("MMM").attention_layers() == [] and make_model("A").mamba_layers() == []

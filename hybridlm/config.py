@@ -15,6 +15,7 @@ from hybridlm.eval.config import EvalConfig
 from hybridlm.interventions.config import InterventionConfig
 from hybridlm.models.config import ModelConfig
 from hybridlm.ops.config import BackendConfig
+from hybridlm.validation import need
 
 
 @dataclass
@@ -58,10 +59,13 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Periodic checkpoints, written atomically; a step checkpoint due on a validation step is written after that
+    validation. last.ckpt (always the newest) is written at every validation and at the end of training."""
+
     every_n_steps: int = 0  # 0: only at validation / end of training
     every_n_minutes: float = 0.0  # 0: off; with every_n_steps, whichever comes first
-    keep_last: int = 2
-    save_best: bool = True
+    keep_last: int = 2  # step checkpoints kept, besides last.ckpt and best.ckpt
+    save_best: bool = True  # also keep best.ckpt (the lowest `monitor`)
     monitor: str = "val/loss"
 
 
@@ -104,43 +108,37 @@ class Config:
             self.data.stream_mode = "contiguous" if self.intervention.name == "tbtt" else "random"
 
     def validate(self) -> None:
-        """Value checks that types cannot express; each message starts with the offending key."""
+        """Value checks that types cannot express; each message starts with the offending key. Run once per run,
+        by `to_config`, with every subsystem's own checks."""
         for key in self.required:
-            if not hasattr(self, key):
-                raise ValueError(f"required: unknown key {key!r}")
-            if getattr(self, key) in (None, ""):
-                raise ValueError(f"{key}: experiment {self.experiment_name!r} needs it; set {key}=... on the "
-                                 "command line")
+            need(hasattr(self, key), "required", f"unknown key {key!r}")
+            need(getattr(self, key) not in (None, ""), key,
+                 f"experiment {self.experiment_name!r} needs it; set {key}=... on the command line")
         self.model.validate()
-        for sub in (self.data, self.intervention, self.adapter, self.backend, self.eval):
-            if hasattr(sub, "validate"):
-                sub.validate()
-        self.intervention.validate(data=self.data, model=self.model)  # tbtt needs contiguous data; attention kind
+        self.data.validate()
+        self.intervention.validate(data=self.data, model=self.model)  # tbtt: contiguous data; attention kind
+        self.adapter.validate()
+        self.eval.validate()  # the backend is checked by ops.configure, which knows what this machine can run
         t, o = self.trainer, self.optim
-        checks = [
-            (t.max_steps > 0 or t.fast_dev_run, "trainer.max_steps", f"must be positive, got {t.max_steps}"),
-            (t.val_check_interval > 0, "trainer.val_check_interval", f"must be positive, got {t.val_check_interval}"),
-            (t.accumulate_grad_batches > 0, "trainer.accumulate_grad_batches", "must be positive"),
-            (t.gradient_clip_val >= 0, "trainer.gradient_clip_val", "must be >= 0"),
-            (t.precision in ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true"),
-             "trainer.precision", f"unknown precision {t.precision!r}"),
-            (o.lr > 0, "optim.lr", f"must be positive, got {o.lr}"),
-            (o.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
-            (o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0"),
-            (0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]"),
-            (self.logger.wandb_mode in ("auto", "online", "offline"), "logger.wandb_mode",
-             f"must be auto, online or offline, got {self.logger.wandb_mode!r}"),
-            (self.logger.wandb_init_timeout > 0, "logger.wandb_init_timeout", "must be positive"),
-            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
-            (self.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0 (0: off)"),
-            (self.checkpoint.every_n_minutes >= 0, "checkpoint.every_n_minutes", "must be >= 0 (0: off)"),
-            (self.guard.on_nonfinite in ("skip", "stop"), "guard.on_nonfinite",
-             f"must be skip or stop, got {self.guard.on_nonfinite!r}"),
-            (self.guard.max_consecutive >= 1, "guard.max_consecutive", "must be >= 1"),
-        ]
-        for ok, key, msg in checks:
-            if not ok:
-                raise ValueError(f"{key}: {msg}")
+        need(t.max_steps > 0 or t.fast_dev_run, "trainer.max_steps", f"must be positive, got {t.max_steps}")
+        need(t.val_check_interval > 0, "trainer.val_check_interval", f"must be positive, got {t.val_check_interval}")
+        need(t.accumulate_grad_batches > 0, "trainer.accumulate_grad_batches", "must be positive")
+        need(t.gradient_clip_val >= 0, "trainer.gradient_clip_val", "must be >= 0")
+        need(t.precision in ("auto", "32-true", "bf16-mixed", "bf16-true", "16-mixed", "64-true"),
+             "trainer.precision", f"unknown precision {t.precision!r}")
+        need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+        need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        need(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        need(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        need(self.logger.wandb_mode in ("auto", "online", "offline"), "logger.wandb_mode",
+             f"must be auto, online or offline, got {self.logger.wandb_mode!r}")
+        need(self.logger.wandb_init_timeout > 0, "logger.wandb_init_timeout", "must be positive")
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        need(self.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", "must be >= 0 (0: off)")
+        need(self.checkpoint.every_n_minutes >= 0, "checkpoint.every_n_minutes", "must be >= 0 (0: off)")
+        need(self.guard.on_nonfinite in ("skip", "stop"), "guard.on_nonfinite",
+             f"must be skip or stop, got {self.guard.on_nonfinite!r}")
+        need(self.guard.max_consecutive >= 1, "guard.max_consecutive", "must be >= 1")
 
 
 def to_config(cfg: Any) -> Config:

@@ -1,4 +1,4 @@
-"""Adapter (fine-tuning recipe) configuration, Hydra group `adapter`. Recipes (DESIGN §5):
+"""Adapter (fine-tuning recipe) configuration, Hydra group `adapter`. Recipes (docs/design.md §5):
 
   none       leave the model as built (every parameter keeps its requires_grad; pre-training)
   full       every parameter trainable
@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from hybridlm.validation import need
 
 RECIPES = ("none", "full", "lora", "lora_plus", "hylora", "longlora")
 
@@ -23,11 +25,7 @@ class AdapterConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key."""
-        if self.name not in RECIPES:
-            raise ValueError(f"adapter.name: unknown recipe {self.name!r}; use one of {RECIPES}")
-        if self.r <= 0:
-            raise ValueError(f"adapter.r: must be positive, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"adapter.alpha: must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"adapter.dropout: must be in [0, 1), got {self.dropout}")
+        need(self.name in RECIPES, "adapter.name", f"unknown recipe {self.name!r}; use one of {RECIPES}")
+        need(self.r > 0, "adapter.r", f"must be positive, got {self.r}")
+        need(self.alpha > 0, "adapter.alpha", f"must be positive, got {self.alpha}")
+        need(0.0 <= self.dropout < 1.0, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from hybridlm.data.config import DataConfig
-from hybridlm.data.corpus import Corpus, PackedStream
+from hybridlm.data.packed import Corpus, PackedStream
 from hybridlm.data.synthetic import synthetic_row
 from hybridlm.data.tokenizers import Tokenizer
 from hybridlm.data.windows import contiguous_starts, fixed_windows, gather, num_slots, random_windows, segments

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybridlm.validation import need
+
 SOURCES = ("stdlib", "files", "hub", "synthetic")
 STREAM_MODES = ("auto", "random", "contiguous")
 TASKS = ("mqar", "copy", "passkey", "recall_stream")
@@ -71,65 +73,62 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ValueError naming the offending key. Needs no file access (the lead calls it before training)."""
 
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"data.{key}: {msg}")
-
         syn = self.synthetic
-        need(self.source in SOURCES, "source", f"unknown source {self.source!r}; choose from {list(SOURCES)}")
-        need(self.stream_mode in STREAM_MODES, "stream_mode",
+        need(self.source in SOURCES, "data.source", f"unknown source {self.source!r}; choose from {list(SOURCES)}")
+        need(self.stream_mode in STREAM_MODES, "data.stream_mode",
              f"unknown stream_mode {self.stream_mode!r}; choose from {list(STREAM_MODES)}")
-        need(syn.task in TASKS, "synthetic.task", f"unknown task {syn.task!r}; choose from {list(TASKS)}")
-        need(self.text_sample_by in SAMPLE_BY, "text_sample_by",
+        need(syn.task in TASKS, "data.synthetic.task", f"unknown task {syn.task!r}; choose from {list(TASKS)}")
+        need(self.text_sample_by in SAMPLE_BY, "data.text_sample_by",
              f"unknown value {self.text_sample_by!r}; choose from {list(SAMPLE_BY)}")
-        need(syn.passkey_filler in PASSKEY_FILLERS, "synthetic.passkey_filler",
+        need(syn.passkey_filler in PASSKEY_FILLERS, "data.synthetic.passkey_filler",
              f"unknown value {syn.passkey_filler!r}; choose from {list(PASSKEY_FILLERS)}")
-        need(self.seq_len > 0, "seq_len", f"must be > 0, got {self.seq_len}")
-        need(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
-        need(0.0 <= self.val_fraction < 1.0, "val_fraction", f"must be in [0, 1), got {self.val_fraction}")
-        need(self.val_batches >= 0, "val_batches", f"must be >= 0, got {self.val_batches}")
-        need(self.batches_per_epoch >= 0, "batches_per_epoch", f"must be >= 0, got {self.batches_per_epoch}")
-        need(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        need(self.max_documents >= 0, "max_documents", f"must be >= 0, got {self.max_documents}")
-        need(0.0 <= self.mix_prob <= 1.0, "mix_prob", f"must be in [0, 1], got {self.mix_prob}")
-        need(self.source != "files" or len(self.paths) > 0, "paths", "source=files needs at least one path or glob")
-        need(self.source != "hub" or bool(self.hub_name), "hub_name", "source=hub needs a dataset name")
-        need(self.source != "synthetic" or self.mix_prob == 0.0, "mix_prob",
+        need(self.seq_len > 0, "data.seq_len", f"must be > 0, got {self.seq_len}")
+        need(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
+        need(0.0 <= self.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        need(self.val_batches >= 0, "data.val_batches", f"must be >= 0, got {self.val_batches}")
+        need(self.batches_per_epoch >= 0, "data.batches_per_epoch", f"must be >= 0, got {self.batches_per_epoch}")
+        need(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        need(self.max_documents >= 0, "data.max_documents", f"must be >= 0, got {self.max_documents}")
+        need(0.0 <= self.mix_prob <= 1.0, "data.mix_prob", f"must be in [0, 1], got {self.mix_prob}")
+        need(self.source != "files" or len(self.paths) > 0, "data.paths",
+             "source=files needs at least one path or glob")
+        need(self.source != "hub" or bool(self.hub_name), "data.hub_name", "source=hub needs a dataset name")
+        need(self.source != "synthetic" or self.mix_prob == 0.0, "data.mix_prob",
              "mixing needs a text source (stdlib/files/hub), not source=synthetic")
         if self.stream_mode == "contiguous":
-            need(self.is_token_stream(), "stream_mode", "contiguous needs a token stream (a text source or "
+            need(self.is_token_stream(), "data.stream_mode", "contiguous needs a token stream (a text source or "
                  "synthetic.task=recall_stream), not source=synthetic")
-            need(self.pack, "pack", "stream_mode=contiguous reads one continuous packed stream: set pack=true")
-            need(self.mix_prob == 0.0, "mix_prob",
+            need(self.pack, "data.pack", "stream_mode=contiguous reads one continuous packed stream: set pack=true")
+            need(self.mix_prob == 0.0, "data.mix_prob",
                  "synthetic rows would break the continuity of stream_mode=contiguous")
-        need(not (self.source == "synthetic" and syn.passkey_filler == "corpus"), "synthetic.passkey_filler",
+        need(not (self.source == "synthetic" and syn.passkey_filler == "corpus"), "data.synthetic.passkey_filler",
              "corpus filler needs a text source, not source=synthetic")
 
         if self.source == "synthetic" or self.mix_prob > 0:
-            need(syn.vocab_size >= 4, "synthetic.vocab_size", f"must be >= 4, got {syn.vocab_size}")
-            need(syn.passkey_digits >= 1, "synthetic.passkey_digits", f"must be >= 1, got {syn.passkey_digits}")
-            need(syn.copy_len >= 0, "synthetic.copy_len", f"must be >= 0, got {syn.copy_len}")
+            need(syn.vocab_size >= 4, "data.synthetic.vocab_size", f"must be >= 4, got {syn.vocab_size}")
+            need(syn.passkey_digits >= 1, "data.synthetic.passkey_digits", f"must be >= 1, got {syn.passkey_digits}")
+            need(syn.copy_len >= 0, "data.synthetic.copy_len", f"must be >= 0, got {syn.copy_len}")
             if syn.task == "mqar":
                 n = syn.num_kv_pairs
-                need(n >= 1, "synthetic.num_kv_pairs", f"must be >= 1, got {n}")
-                need(4 * n <= self.seq_len + 1, "synthetic.num_kv_pairs",
+                need(n >= 1, "data.synthetic.num_kv_pairs", f"must be >= 1, got {n}")
+                need(4 * n <= self.seq_len + 1, "data.synthetic.num_kv_pairs",
                      f"{n} pairs need 4*{n}={4 * n} tokens (pairs, then one query slot of 2 per key) but a row "
                      f"has seq_len+1={self.seq_len + 1}")
-                need(n <= syn.vocab_size // 2 - 1, "synthetic.num_kv_pairs",
+                need(n <= syn.vocab_size // 2 - 1, "data.synthetic.num_kv_pairs",
                      f"{n} distinct keys do not fit in the key range [1, {syn.vocab_size // 2}) of vocab_size "
                      f"{syn.vocab_size}")
             if syn.task == "copy":
-                need(2 * syn.copy_len + 1 <= self.seq_len + 1, "synthetic.copy_len",
+                need(2 * syn.copy_len + 1 <= self.seq_len + 1, "data.synthetic.copy_len",
                      f"copying {syn.copy_len} tokens needs 2*copy_len+1 <= seq_len+1={self.seq_len + 1}")
-                need(self.seq_len >= 2, "seq_len", "copy needs seq_len >= 2")
+                need(self.seq_len >= 2, "data.seq_len", "copy needs seq_len >= 2")
             if syn.task == "recall_stream":
-                need(self.source == "synthetic", "synthetic.task",
+                need(self.source == "synthetic", "data.synthetic.task",
                      "recall_stream is a corpus of its own (source=synthetic), it cannot be mixed into text rows")
-                need(syn.num_keys >= 1, "synthetic.num_keys", f"must be >= 1, got {syn.num_keys}")
-                need(syn.num_values >= 1, "synthetic.num_values", f"must be >= 1, got {syn.num_values}")
-                need(0.0 < syn.p_set <= 1.0, "synthetic.p_set", f"must be in (0, 1], got {syn.p_set}")
-                need(syn.recall_window >= 0, "synthetic.recall_window", f"must be >= 0, got {syn.recall_window}")
-                need(syn.num_streams >= 1 and syn.val_streams >= 1, "synthetic.num_streams",
+                need(syn.num_keys >= 1, "data.synthetic.num_keys", f"must be >= 1, got {syn.num_keys}")
+                need(syn.num_values >= 1, "data.synthetic.num_values", f"must be >= 1, got {syn.num_values}")
+                need(0.0 < syn.p_set <= 1.0, "data.synthetic.p_set", f"must be in (0, 1], got {syn.p_set}")
+                need(syn.recall_window >= 0, "data.synthetic.recall_window", f"must be >= 0, got {syn.recall_window}")
+                need(syn.num_streams >= 1 and syn.val_streams >= 1, "data.synthetic.num_streams",
                      f"num_streams and val_streams must be >= 1, got {syn.num_streams}, {syn.val_streams}")
-                need(syn.stream_len >= 2 and syn.stream_len % 2 == 0, "synthetic.stream_len",
+                need(syn.stream_len >= 2 and syn.stream_len % 2 == 0, "data.synthetic.stream_len",
                      f"must be an even number >= 2 (pairs of tokens), got {syn.stream_len}")

@@ -10,6 +10,7 @@ Sources:
   anything else -> "text" (one document per file by default). One document per row, so one book per row
   (PG-19 layout) stays one document.
 - `hub`: `datasets.load_dataset(hub_name, hub_config, split=hub_split, streaming=streaming)`.
+- `synthetic` with synthetic.task=recall_stream: the key/value streams of recall_stream.py, packed the same way.
 For files/hub the split key is a hash of the document text itself: datasets does not report which file a row
 came from, and a content key keeps duplicated documents on one side of the split.
 
@@ -26,31 +27,16 @@ import os
 import sysconfig
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
-
-import numpy as np
 
 from hybridlm.data.config import DataConfig
+from hybridlm.data.packed import Corpus, PackedStream
+from hybridlm.data.recall_stream import recall_corpus
 from hybridlm.data.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
 TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
-
-
-@dataclass
-class PackedStream:
-    """doc0 EOD doc1 EOD ...: tokens (n,); document i with its EOD is tokens[doc_starts[i]:doc_starts[i+1]]."""
-
-    tokens: np.ndarray
-    doc_starts: np.ndarray  # (num_docs + 1,) int64
-
-
-@dataclass
-class Corpus:
-    train: PackedStream
-    val: PackedStream
 
 
 _CACHE: OrderedDict[tuple, Corpus] = OrderedDict()  # most recently used last
@@ -247,8 +233,6 @@ def load_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
 
 def _build_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
     if cfg.source == "synthetic" and cfg.is_token_stream():
-        from hybridlm.data.recall_stream import recall_corpus  # it imports this module
-
         return recall_corpus(cfg)
     skips = SkipCounter(refuse=not cfg.skip_bad_files)
     if cfg.source == "stdlib":

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hybridlm.data.batches import BatchSource
 from hybridlm.data.config import DataConfig
-from hybridlm.data.corpus import Corpus, load_corpus
+from hybridlm.data.corpus import load_corpus
+from hybridlm.data.packed import Corpus
 from hybridlm.data.recall_stream import recall_vocab_size
 from hybridlm.data.tokenizers import check_vocab, load_tokenizer
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from hybridlm.data.config import DataConfig, SyntheticConfig
-from hybridlm.data.corpus import Corpus, PackedStream
+from hybridlm.data.packed import Corpus, PackedStream
 
 _TRAIN, _VAL = 0, 1  # part of the seed, so training and validation streams never coincide
 

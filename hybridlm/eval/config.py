@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybridlm.validation import need
+
 DIAGNOSTICS = ("loss_by_position", "effrem", "state_norms", "passkey", "copy")
 COPY_MODES = ("teacher_forced", "greedy")
 
@@ -10,7 +12,6 @@ COPY_MODES = ("teacher_forced", "greedy")
 class EvalConfig:
     """Length-generalization diagnostics (hybridlm/eval). T below is the training length (data.seq_len)."""
 
-    name: str = "default"
     diagnostics: list[str] = field(default_factory=lambda: list(DIAGNOSTICS))
     max_len: int = 0  # tokens per evaluation sequence; 0: 16x the training length
     n_sequences: int = 8  # validation sequences for loss_by_position / effrem / state_norms
@@ -38,24 +39,22 @@ class EvalConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key."""
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"eval.{key}: {msg}")
-
         bad = [d for d in self.diagnostics if d not in DIAGNOSTICS]
-        need(not bad, "diagnostics", f"unknown diagnostic(s) {bad}; choose from {list(DIAGNOSTICS)}")
+        need(not bad, "eval.diagnostics", f"unknown diagnostic(s) {bad}; choose from {list(DIAGNOSTICS)}")
         for key in ("max_len", "chunk_len", "effrem_T", "state_norm_every", "every_n_val", "copy_vocab_size"):
-            need(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+            need(getattr(self, key) >= 0, f"eval.{key}", f"must be >= 0, got {getattr(self, key)}")
         for key in ("n_sequences", "batch_size", "effrem_points", "passkey_samples", "passkey_digits", "copy_samples"):
-            need(getattr(self, key) > 0, key, f"must be > 0, got {getattr(self, key)}")
-        need(all(t >= 0 for t in self.effrem_grid), "effrem_grid", f"values must be >= 0, got {list(self.effrem_grid)}")
-        need(all(n > 0 for n in self.passkey_lengths), "passkey_lengths", "values must be > 0")
-        need(all(0.0 <= d <= 1.0 for d in self.passkey_depths), "passkey_depths",
+            need(getattr(self, key) > 0, f"eval.{key}", f"must be > 0, got {getattr(self, key)}")
+        need(all(t >= 0 for t in self.effrem_grid), "eval.effrem_grid",
+             f"values must be >= 0, got {list(self.effrem_grid)}")
+        need(all(n > 0 for n in self.passkey_lengths), "eval.passkey_lengths", "values must be > 0")
+        need(all(0.0 <= d <= 1.0 for d in self.passkey_depths), "eval.passkey_depths",
              f"values must be in [0, 1], got {list(self.passkey_depths)}")
-        need(all(n > 0 for n in self.copy_lengths), "copy_lengths", "values must be > 0")
+        need(all(n > 0 for n in self.copy_lengths), "eval.copy_lengths", "values must be > 0")
         need(len(self.target_id_range) in (0, 2) and (not self.target_id_range or
                                                       0 <= self.target_id_range[0] < self.target_id_range[1]),
-             "target_id_range", f"must be empty or [lo, hi) with 0 <= lo < hi, got {list(self.target_id_range)}")
-        need(self.copy_mode in COPY_MODES, "copy_mode", f"must be one of {list(COPY_MODES)}, got {self.copy_mode!r}")
-        need(self.copy_vocab_size == 0 or self.copy_vocab_size >= 3, "copy_vocab_size",
+             "eval.target_id_range", f"must be empty or [lo, hi) with 0 <= lo < hi, got {list(self.target_id_range)}")
+        need(self.copy_mode in COPY_MODES, "eval.copy_mode",
+             f"must be one of {list(COPY_MODES)}, got {self.copy_mode!r}")
+        need(self.copy_vocab_size == 0 or self.copy_vocab_size >= 3, "eval.copy_vocab_size",
              f"needs >= 3 ids (filler 0, content, separator), got {self.copy_vocab_size}")

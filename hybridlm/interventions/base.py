@@ -50,7 +50,6 @@ class InitialStateCallback(Callback):
     """Base class: subclasses implement `make_initial_state` and `observe`."""
 
     def __init__(self, cfg: InterventionConfig):
-        cfg.validate()
         self.cfg = cfg
         self.rank, self.world_size = 0, 1
         self._gen: torch.Generator | None = None

@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hybridlm.validation import need
+
 INTERVENTIONS = ("none", "random_noise", "fitted_noise", "state_passing", "tbtt")
 NOISE = ("random_noise", "fitted_noise")
 PASSING = ("state_passing", "tbtt")
@@ -23,10 +25,6 @@ class InterventionConfig:
     def validate(self, data: Any = None, model: Any = None) -> None:
         """Raise ValueError naming the offending key. `data` (DataConfig) and `model` (ModelConfig), when
         given, enable the checks that depend on them (tbtt needs contiguous streams; attention windows)."""
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"{key}: {msg}")
-
         need(self.name in INTERVENTIONS, "intervention.name",
              f"unknown intervention {self.name!r}; use one of {', '.join(INTERVENTIONS)}")
         need(self.sigma >= 0, "intervention.sigma", f"must be >= 0, got {self.sigma}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hybridlm.validation import need
+
 LAYER_KINDS = {"M": "Mamba-2 mixer", "A": "attention mixer"}
 ATTENTION_KINDS = ("full", "swa", "se_attn", "s2")
 
@@ -74,54 +76,50 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending key; called before any module is built."""
-        def need(cond: bool, key: str, msg: str) -> None:
-            if not cond:
-                raise ValueError(f"model.{key}: {msg}")
-
-        need(self.d_model > 0, "d_model", f"must be positive, got {self.d_model}")
-        need(len(self.layer_pattern) > 0, "layer_pattern", "must name at least one layer")
+        need(self.d_model > 0, "model.d_model", f"must be positive, got {self.d_model}")
+        need(len(self.layer_pattern) > 0, "model.layer_pattern", "must name at least one layer")
         bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
-        need(not bad, "layer_pattern",
+        need(not bad, "model.layer_pattern",
              f"unknown layer kind(s) {bad} in {self.layer_pattern!r}; use "
              + ", ".join(f"{k} ({v})" for k, v in LAYER_KINDS.items()))
-        need(self.vocab_size > 0, "vocab_size", f"must be positive, got {self.vocab_size}")
-        need(self.d_intermediate >= 0, "d_intermediate", f"must be >= 0, got {self.d_intermediate}")
-        need(self.pad_vocab_size_multiple > 0, "pad_vocab_size_multiple", "must be positive")
+        need(self.vocab_size > 0, "model.vocab_size", f"must be positive, got {self.vocab_size}")
+        need(self.d_intermediate >= 0, "model.d_intermediate", f"must be >= 0, got {self.d_intermediate}")
+        need(self.pad_vocab_size_multiple > 0, "model.pad_vocab_size_multiple", "must be positive")
         s = self.ssm
         if "M" in self.layer_pattern:
             for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-                need(getattr(s, k) > 0, f"ssm.{k}", f"must be positive, got {getattr(s, k)}")
+                need(getattr(s, k) > 0, f"model.ssm.{k}", f"must be positive, got {getattr(s, k)}")
             d_inner = s.expand * self.d_model
-            need(d_inner % s.headdim == 0, "ssm.headdim",
+            need(d_inner % s.headdim == 0, "model.ssm.headdim",
                  f"expand*d_model = {d_inner} is not divisible by headdim = {s.headdim}")
             nheads = d_inner // s.headdim
-            need(nheads % s.ngroups == 0, "ssm.ngroups",
+            need(nheads % s.ngroups == 0, "model.ssm.ngroups",
                  f"nheads = {nheads} is not divisible by ngroups = {s.ngroups}")
-            need(0 < s.dt_min <= s.dt_max, "ssm.dt_min", f"need 0 < dt_min <= dt_max, got {s.dt_min}, {s.dt_max}")
-            need(0 < s.A_init_range[0] <= s.A_init_range[1], "ssm.A_init_range",
+            need(0 < s.dt_min <= s.dt_max, "model.ssm.dt_min", f"need 0 < dt_min <= dt_max, got {s.dt_min}, {s.dt_max}")
+            need(0 < s.A_init_range[0] <= s.A_init_range[1], "model.ssm.A_init_range",
                  f"need 0 < low <= high, got {s.A_init_range}")
         a = self.attn
         if "A" in self.layer_pattern:
-            need(a.kind in ATTENTION_KINDS, "attn.kind",
+            need(a.kind in ATTENTION_KINDS, "model.attn.kind",
                  f"unknown attention kind {a.kind!r}; use one of {ATTENTION_KINDS}")
-            need(a.num_heads > 0, "attn.num_heads", f"must be positive, got {a.num_heads}")
+            need(a.num_heads > 0, "model.attn.num_heads", f"must be positive, got {a.num_heads}")
             kv = a.num_heads_kv or a.num_heads
-            need(kv > 0 and a.num_heads % kv == 0, "attn.num_heads_kv",
+            need(kv > 0 and a.num_heads % kv == 0, "model.attn.num_heads_kv",
                  f"num_heads = {a.num_heads} must be a multiple of num_heads_kv = {kv}")
             if a.head_dim is None:
-                need(self.d_model % a.num_heads == 0, "attn.num_heads",
+                need(self.d_model % a.num_heads == 0, "model.attn.num_heads",
                      f"d_model = {self.d_model} is not divisible by num_heads = {a.num_heads}; set attn.head_dim")
             else:
-                need(a.head_dim > 0, "attn.head_dim", f"must be positive, got {a.head_dim}")
+                need(a.head_dim > 0, "model.attn.head_dim", f"must be positive, got {a.head_dim}")
             hd = a.head_dim or self.d_model // a.num_heads
             need(a.rotary_emb_dim >= 0 and a.rotary_emb_dim % 2 == 0 and a.rotary_emb_dim <= hd,
-                 "attn.rotary_emb_dim", f"must be even and in [0, head_dim={hd}], got {a.rotary_emb_dim}")
-            need(a.d_conv >= 0, "attn.d_conv", f"must be >= 0, got {a.d_conv}")
+                 "model.attn.rotary_emb_dim", f"must be even and in [0, head_dim={hd}], got {a.rotary_emb_dim}")
+            need(a.d_conv >= 0, "model.attn.d_conv", f"must be >= 0, got {a.d_conv}")
             if a.kind in ("swa", "se_attn"):
-                need(a.window > 0, "attn.window", f"must be positive for kind={a.kind}, got {a.window}")
+                need(a.window > 0, "model.attn.window", f"must be positive for kind={a.kind}, got {a.window}")
             if a.kind == "se_attn":
                 for k in ("block_size", "query_chunk"):
-                    need(getattr(a, k) > 0, f"attn.{k}", f"must be positive, got {getattr(a, k)}")
-                need(a.top_k >= 0, "attn.top_k", f"must be >= 0, got {a.top_k}")
+                    need(getattr(a, k) > 0, f"model.attn.{k}", f"must be positive, got {getattr(a, k)}")
+                need(a.top_k >= 0, "model.attn.top_k", f"must be >= 0, got {a.top_k}")
             if a.kind == "s2":
-                need(0 < a.group_ratio <= 1, "attn.group_ratio", f"must be in (0, 1], got {a.group_ratio}")
+                need(0 < a.group_ratio <= 1, "model.attn.group_ratio", f"must be in (0, 1], got {a.group_ratio}")

@@ -1,10 +1,10 @@
-"""Export a model as an official checkpoint directory (DESIGN.md §7).
+"""`python -m hybridlm.export`: write a checkpoint as an official checkpoint directory (docs/design.md §7).
 
     python -m hybridlm.export ckpt_path=runs/x/last.ckpt format=mamba_ssm out=/tmp/export
 
-ckpt_path is anything `load_pretrained` reads (a hybridlm .ckpt, a mamba_ssm or transformers directory, a
-hub id), so this also converts between the official formats. Optional: tokenizer=DIR (default: the
-checkpoint's own directory), allow_full_attention=true (see `to_mamba_ssm_config`).
+ckpt_path is anything `hybridlm.convert.load_pretrained` reads (a hybridlm .ckpt, a mamba_ssm or transformers
+directory, a hub id), so this also converts between the official formats. Optional: tokenizer=DIR (default:
+the checkpoint's own directory), allow_full_attention=true (see `hybridlm.convert.mamba_ssm.export_config`).
 
 - format=mamba_ssm: config.json (MambaConfig fields) + model.safetensors + pytorch_model.bin, the only
   weights file `MambaLMHeadModel.from_pretrained` reads.
@@ -13,84 +13,23 @@ checkpoint's own directory), allow_full_attention=true (see `to_mamba_ssm_config
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from hybridlm.models.checkpoints import (
+from hybridlm.convert import (
+    EXPORT_FORMATS,
     CheckpointError,
-    StateDict,
     copy_tokenizer_files,
+    export,
     find_tokenizer,
     load_pretrained,
     load_state_dict_checked,
     resolve_checkpoint,
-    to_hf_mamba2_config,
-    to_hf_mamba2_weights,
-    to_mamba_ssm_config,
-    to_mamba_ssm_weights,
 )
-from hybridlm.models.config import ModelConfig
 from hybridlm.models.hybrid_lm import HybridLM
 
-log = logging.getLogger(__name__)
-
-EXPORT_FORMATS = ("mamba_ssm", "hf_mamba2")
 _CLI_KEYS = {"ckpt_path", "format", "out", "tokenizer", "allow_full_attention"}
-
-
-def _drop_tied(sd: StateDict, model: torch.nn.Module) -> StateDict:
-    """safetensors refuses tensors that share memory: keep one name per tied parameter (the loaders re-tie)."""
-    seen, out = set(), {}
-    named = dict(model.named_parameters(remove_duplicate=False))
-    for key, value in sd.items():
-        p = named.get(key)
-        if p is not None and id(p) in seen:
-            continue
-        if p is not None:
-            seen.add(id(p))
-        out[key] = value
-    return out
-
-
-def _save_safetensors(sd: StateDict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # transformers checks metadata["format"] == "pt" when loading.
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata={"format": "pt"})
-
-
-def _write_json(data: dict, path: Path) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)  # float("inf") is written as Infinity, which Python's json reads back
-
-
-def export(model: HybridLM, cfg: ModelConfig, out_dir: str | Path, format: str = "mamba_ssm",
-           allow_full_attention: bool = False) -> Path:
-    """Write model (whose config is cfg) to out_dir in `format`; returns out_dir."""
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"format={format!r}: choose one of {EXPORT_FORMATS}")
-    if getattr(model, "cfg", cfg) != cfg:
-        raise ValueError("cfg differs from model.cfg: the exported config would not describe the weights")
-    # Build the config first: it refuses what the target cannot express before anything is written.
-    config = to_mamba_ssm_config(cfg, allow_full_attention) if format == "mamba_ssm" else to_hf_mamba2_config(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if format == "mamba_ssm":
-        weights = to_mamba_ssm_weights(cfg, sd)
-        _save_safetensors(_drop_tied(weights, model), out / "model.safetensors")
-        # mamba_ssm loads strictly: keep every name, tied lm_head included (torch.save keeps the sharing).
-        torch.save({k: v.contiguous() for k, v in weights.items()}, out / "pytorch_model.bin")
-    else:
-        kept = _drop_tied(sd, model)  # drop first: the renamed/sliced tensors no longer map to parameters
-        _save_safetensors(to_hf_mamba2_weights(cfg, kept), out / "model.safetensors")
-    _write_json(config, out / "config.json")
-    log.info("exported %s model to %s", format, out)
-    return out
 
 
 def main(argv: list[str] | None = None) -> Path:

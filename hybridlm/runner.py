@@ -22,23 +22,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hybridlm import ops
-from hybridlm.checkpointing import (
-    AtomicCheckpointIO,
-    CheckpointReadError,
-    RunStateCallback,
-    StepCheckpoint,
-    find_resume_checkpoint,
-    load_checkpoint_file,
-    resume_point,
-    save_final_checkpoint,
-    truncate_csv_log,
-)
+from hybridlm.checkpointing.callbacks import AtomicCheckpointIO, RunStateCallback, StepCheckpoint, save_final_checkpoint
+from hybridlm.checkpointing.io import CheckpointError
+from hybridlm.checkpointing.resume import choose_resume_checkpoint, resume_point
 from hybridlm.config import Config, to_config
+from hybridlm.convert import (
+    find_tokenizer,
+    load_pretrained,
+    load_state_dict_checked,
+    merge_model_config,
+    read_checkpoint,
+)
 from hybridlm.eval import LengthEvalCallback
 from hybridlm.guards import NonFiniteGuard
 from hybridlm.interventions import build_intervention
 from hybridlm.lit import HybridLMModule
-from hybridlm.logging import build_loggers, closing_wandb, wandb_run_dir
+from hybridlm.loggers import build_loggers, closing_wandb, truncate_csv_log, wandb_run_dir
 from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger("hybridlm")
@@ -105,7 +104,6 @@ def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
         recipe_attention_kind,
         trainable_parameter_table,
     )
-    from hybridlm.models.checkpoints import load_pretrained, load_state_dict_checked, merge_model_config
 
     sd = None
     if cfg.init_from:
@@ -174,13 +172,13 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
     if explicit_keys is None:
         in_hydra = HydraConfig.initialized()
         explicit_keys = explicit_model_keys(list(HydraConfig.get().overrides.task)) if in_hydra else set()
-    resume_ckpt = choose_resume_checkpoint(typed, out_dir)
+    try:
+        resume_ckpt = choose_resume_checkpoint(typed, out_dir, local_rank())
+        resume = resume_point(resume_ckpt) if resume_ckpt else None
+    except CheckpointError as e:
+        raise ConfigError(f"resume: {e}") from e
     if resume_ckpt is not None and typed.resume == "auto":
         out_dir = resume_ckpt.parent.parent  # continue in the run's own directory
-    try:
-        resume = resume_point(resume_ckpt) if resume_ckpt else None
-    except CheckpointReadError as e:
-        raise ConfigError(f"resume: {e}") from e
     ensure_writable(out_dir)
     if resume is not None and local_rank() == 0:
         # The killed run may have logged steps past its checkpoint: they are logged again from here.
@@ -241,14 +239,6 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     """Validation loss and (with eval diagnostics) the length report of cfg.ckpt_path, written to out_dir."""
     from hybridlm.data import HybridDataModule
     from hybridlm.eval import run_length_report
-    from hybridlm.models.checkpoints import (
-        detect_format,
-        find_tokenizer,
-        load_pretrained,
-        load_state_dict_checked,
-        merge_model_config,
-        resolve_checkpoint,
-    )
 
     if task_overrides is None:
         task_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -256,20 +246,19 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     configure_backends(typed)
     if not typed.ckpt_path:
         raise ConfigError("ckpt_path: give the checkpoint to evaluate (a .ckpt file or a checkpoint directory)")
-    path = resolve_checkpoint(typed.ckpt_path)
-    ckpt_cfg, sd = load_pretrained(path)
-    typed.model = merge_model_config(ckpt_cfg, typed.model, explicit_model_keys(task_overrides))
+    ckpt = read_checkpoint(typed.ckpt_path)
+    path = ckpt.path
+    typed.model = merge_model_config(ckpt.cfg, typed.model, explicit_model_keys(task_overrides))
     user_set_data = any(o.lstrip("+~").startswith("data") for o in task_overrides)
-    if detect_format(path) == "hybridlm" and not user_set_data:
-        stored = load_checkpoint_file(path)["hyper_parameters"]["cfg"]
-        typed.data = to_config({"data": stored["data"]}).data  # evaluate on what it was trained on
+    if ckpt.run_config is not None and not user_set_data:
+        typed.data = to_config({"data": ckpt.run_config["data"]}).data  # evaluate on what it was trained on
     elif typed.data.tokenizer == "byte" and find_tokenizer(path) is not None and not user_set_data:
         typed.data.tokenizer = str(find_tokenizer(path))  # an official checkpoint's own tokenizer
     typed.validate()
     ensure_writable(out_dir)
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model = HybridLM(typed.model)
-    load_state_dict_checked(model, sd, source=str(path))
+    load_state_dict_checked(model, ckpt.state_dict, source=str(path))
     module = HybridLMModule(typed, model=model)
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")
@@ -293,65 +282,6 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
                   "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
         report(result)
     return result
-
-
-RESUME_ENV = "HYBRIDLM_RESUME_CHECKPOINT"  # rank 0's resume=auto choice, inherited by the DDP ranks it launches
-
-
-def choose_resume_checkpoint(cfg: Config, out_dir: Path) -> Optional[Path]:
-    if not cfg.resume:
-        return None
-    if cfg.resume != "auto":
-        if not Path(cfg.resume).is_file():
-            raise ConfigError(f"resume: checkpoint {cfg.resume} does not exist")
-        return Path(cfg.resume)
-    if local_rank() > 0 and RESUME_ENV in os.environ:
-        # A DDP rank launched by rank 0 continues what rank 0 chose: a search of its own could choose otherwise
-        # (it runs with other Hydra settings, and later), and ranks that disagree wait for each other forever.
-        return Path(os.environ[RESUME_ENV]) if os.environ[RESUME_ENV] else None
-    same_run, others = resume_candidates(out_dir)
-    ckpt = find_resume_checkpoint(same_run)
-    os.environ[RESUME_ENV] = str(ckpt or "")
-    if ckpt is not None:
-        log.info("resume=auto: continuing from %s", ckpt)
-    else:
-        log.info("resume=auto: no checkpoint of an earlier run of experiment %r with these overrides, starting "
-                 "fresh%s", cfg.experiment_name,
-                 f" ({len(others)} run(s) of it with other overrides left alone; resume=<checkpoint> continues "
-                 "one of them)" if others else "")
-    return ckpt
-
-
-# Overrides a resumed run may change without becoming another run: where it writes, how long it trains, resume.
-RESUME_FREE_KEYS = ("resume", "trainer.max_steps", "trainer.enable_progress_bar")
-
-
-def run_identity(overrides: list[str]) -> list[str]:
-    """What makes two launches the same run for resume=auto: their overrides, minus hydra.* and RESUME_FREE_KEYS."""
-    def free(ov: str) -> bool:
-        key = ov.lstrip("+~").partition("=")[0]
-        return key.startswith(("hydra.", "hydra/")) or key in RESUME_FREE_KEYS
-
-    return sorted(ov for ov in overrides if not free(ov))
-
-
-def resume_candidates(out_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(run directories resume=auto may continue, other runs of the experiment). Under Hydra: the earlier single
-    runs and multirun jobs of this experiment launched with the same overrides (each run's .hydra/overrides.yaml),
-    so a multirun job continues its own earlier job, never a sibling's. Called directly (no Hydra): the runs
-    beside out_dir."""
-    if not HydraConfig.initialized():
-        return ([d for d in out_dir.parent.iterdir() if d.is_dir()] if out_dir.parent.is_dir() else []), []
-    hc = HydraConfig.get()
-    identity = run_identity(list(hc.overrides.task))
-    runs = [d for d in [*Path(hc.run.dir).parent.glob("*"), *Path(hc.sweep.dir).parent.glob("*/*")]
-            if (d / "checkpoints").is_dir() and d.resolve() != out_dir.resolve()]
-    same, others = [], []
-    for d in runs:
-        recorded = d / str(hc.output_subdir) / "overrides.yaml"
-        same_run = recorded.is_file() and run_identity(list(OmegaConf.load(recorded))) == identity
-        (same if same_run else others).append(d)
-    return same, others
 
 
 def ensure_writable(out_dir: Path) -> None:

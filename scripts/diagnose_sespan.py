@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import yaml
 
+from hybridlm.convert import load_pretrained, load_state_dict_checked
 from hybridlm.data.synthetic import passkey_prompt
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.kernels.span_attention.selection import candidate_mask
-from hybridlm.models.checkpoints import load_pretrained, load_state_dict_checked
 from hybridlm.models.hybrid_lm import HybridLM
 from hybridlm.models.se_attention import SpanExpandedAttention
 

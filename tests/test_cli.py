@@ -83,7 +83,7 @@ def test_lengthgen_sweep_over_interventions(tmp_path):
     summary = json.loads((sweep / "summary.json").read_text())
     assert [(r["status"], r["overrides"].split()[0]) for r in summary] == [("ok", "intervention=none"),
                                                                              ("ok", "intervention=tbtt")]
-    from hybridlm.checkpointing import load_checkpoint_file
+    from hybridlm.checkpointing.io import load_checkpoint_file
 
     modes = [load_checkpoint_file(sweep / job / "checkpoints" / "last.ckpt")["hyper_parameters"]["cfg"]["data"]
              ["stream_mode"] for job in ("0", "1")]
@@ -218,7 +218,7 @@ def test_post_train_an_hf_mamba2_checkpoint_with_state_passing(tmp_path):
     run_train([f"init_from={hf_dir}", "intervention=state_passing", "data.seq_len=32", "data.batch_size=2",
                "data.val_batches=2", "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv",
                f"hydra.run.dir={run_dir}"], tmp_path)
-    from hybridlm.models.checkpoints import load_pretrained
+    from hybridlm.convert import load_pretrained
     cfg, _ = load_pretrained(run_dir / "checkpoints" / "last.ckpt")
     assert cfg.layer_pattern == "MM" and cfg.d_model == 32 and cfg.ssm.d_state == 16
 

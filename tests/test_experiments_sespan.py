@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from hybridlm.checkpointing import load_checkpoint_file
+from hybridlm.checkpointing.io import load_checkpoint_file
 from hybridlm.config import register_configs
 from hybridlm.data.synthetic import passkey_prompt
 from hybridlm.data.tokenizers import ByteTokenizer

@@ -22,14 +22,11 @@ from lightning.pytorch.callbacks import Callback
 from test_cli import TINY, run_train
 
 from hybridlm import runner
-from hybridlm.checkpointing import (
-    ResumableCSVLogger,
-    collect_rng_states,
-    load_checkpoint_file,
-    restore_rng_states,
-    truncate_csv_log,
-)
+from hybridlm.checkpointing.callbacks import collect_rng_states, restore_rng_states
+from hybridlm.checkpointing.io import load_checkpoint_file
+from hybridlm.checkpointing.resume import run_identity
 from hybridlm.config import register_configs
+from hybridlm.loggers import ResumableCSVLogger, truncate_csv_log
 
 STEPS = 24
 RUN = [*TINY, "logger=csv", "trainer.enable_progress_bar=false", "experiment_name=exp", f"trainer.max_steps={STEPS}",
@@ -181,9 +178,8 @@ def test_run_identity_ignores_what_a_resume_may_change():
     launch = ["+experiment=lengthgen/tbtt", "optim.lr=1e-3", "hydra.run.dir=out/a", "trainer.max_steps=10"]
     resumed = ["optim.lr=1e-3", "+experiment=lengthgen/tbtt", "resume=auto", "trainer.max_steps=20",
                "hydra.run.dir=out/b", "hydra/launcher=joblib", "trainer.enable_progress_bar=false"]
-    assert runner.run_identity(launch) == runner.run_identity(resumed) == ["+experiment=lengthgen/tbtt",
-                                                                            "optim.lr=1e-3"]
-    assert runner.run_identity([*launch, "optim.lr=2e-3"]) != runner.run_identity(launch)
+    assert run_identity(launch) == run_identity(resumed) == ["+experiment=lengthgen/tbtt", "optim.lr=1e-3"]
+    assert run_identity([*launch, "optim.lr=2e-3"]) != run_identity(launch)
 
 
 @pytest.mark.parametrize("intervention", ["random_noise", "fitted_noise"])

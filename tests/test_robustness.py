@@ -13,9 +13,10 @@ from lightning.pytorch.callbacks import Callback
 from test_resume import csv_rows, per_step, train_in_process
 
 from hybridlm import runner
-from hybridlm.checkpointing import CheckpointReadError, find_resume_checkpoint, load_checkpoint_file
+from hybridlm.checkpointing.io import CheckpointError, load_checkpoint_file
+from hybridlm.checkpointing.resume import find_resume_checkpoint
+from hybridlm.convert import load_pretrained
 from hybridlm.guards import NonFiniteError
-from hybridlm.models.checkpoints import CheckpointError, load_pretrained
 
 
 def ckpt_step(path):
@@ -140,8 +141,10 @@ def test_resume_of_a_corrupt_checkpoint_names_it_and_the_previous_one(tmp_path):
     msg = str(e.value)
     assert f"checkpoint {last} is truncated or corrupt" in msg
     assert f"the previous checkpoint is {run / 'checkpoints' / 'step000004.ckpt'}" in msg
-    with pytest.raises(CheckpointReadError, match="step000004.ckpt"):  # what Lightning's own load would raise
+    with pytest.raises(CheckpointError, match="step000004.ckpt"):  # what Lightning's own load would raise
         load_checkpoint_file(last)
+    with pytest.raises(CheckpointError, match=f"checkpoint {run / 'nope.ckpt'} does not exist"):
+        load_checkpoint_file(run / "nope.ckpt")
 
 
 # -------------------------------------------------------------------------------------------- guarded inputs
@@ -174,7 +177,7 @@ def test_checkpoints_that_would_run_code_are_refused(tmp_path):
         train_in_process(tmp_path / "run", [f"init_from={evil}"])
     with pytest.raises(runner.ConfigError, match="refuses to unpickle"):
         train_in_process(tmp_path / "run", [f"resume={evil}"])
-    with pytest.raises(CheckpointReadError, match=f"{evil} holds Python objects"):
+    with pytest.raises(CheckpointError, match=f"{evil} holds Python objects"):
         load_checkpoint_file(evil)  # what Lightning's restore calls (AtomicCheckpointIO.load_checkpoint)
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is real: an unrestricted load runs it
@@ -197,6 +200,26 @@ def test_init_from_a_checkpoint_whose_shapes_do_not_match_its_config_lists_the_k
         assert f"shape mismatch: backbone.layers.{layer}.mixer.conv1d.weight" in msg
     assert "backbone.layers.2" not in msg  # the attention layer fits
     assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_unreadable_or_foreign_adapter_files_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from hybridlm.adapters import AdapterConfig, apply_adapter, load_adapter, read_adapter_config, save_adapter
+    from hybridlm.models import HybridLM, ModelConfig, SSMConfig
+
+    def base():
+        return HybridLM(ModelConfig(d_model=16, layer_pattern="MM", vocab_size=40,
+                                    ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8)))
+
+    path = save_adapter(apply_adapter(base(), AdapterConfig(name="hylora", r=2)), tmp_path / "adapter.safetensors")
+    truncate(path)
+    with pytest.raises(CheckpointError, match=f"{path}: cannot read safetensors"):
+        load_adapter(base(), path)
+    plain = tmp_path / "plain.safetensors"  # weights, but no adapter recipe in the metadata
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(CheckpointError, match=f"{plain}: not a hybridlm adapter file"):
+        read_adapter_config(plain)
 
 
 # ----------------------------------------------------------------------------------------- numerical guard

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from test_cli import TINY
 
-from hybridlm.checkpointing import RunStateCallback, load_checkpoint_file
+from hybridlm.checkpointing.callbacks import RunStateCallback
+from hybridlm.checkpointing.io import load_checkpoint_file
 from hybridlm.runner import CONF_DIR
 
 DRIVER = """
@@ -123,7 +124,7 @@ def test_resume_after_a_kill_reuses_the_run_id_held_open_by_a_shared_wandb_servi
     env = {"WANDB_SERVICE": shared_wandb_service}
     common = ["checkpoint.every_n_steps=2", "trainer.val_check_interval=2", "logger.wandb_init_timeout=300"]
     # Like a SIGKILL after the last checkpoint: the process ends without closing its W&B run or running atexit.
-    killed = "import hybridlm.logging\nhybridlm.logging.finish_wandb = lambda loggers, failed: None"
+    killed = "import hybridlm.loggers\nhybridlm.loggers.finish_wandb = lambda loggers, failed: None"
     first, stderr = run_driver(root / "run1", [*common, "trainer.max_steps=2"], env_extra=env, patch=killed,
                                tail="import os; os._exit(0)")
     assert first["wandb"], stderr[-3000:]

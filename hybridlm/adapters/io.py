@@ -3,7 +3,8 @@
 An adapter file is one safetensors file holding only what the recipe trains: LoRA weights in peft's layout
 (`get_peft_model_state_dict`: `...in_proj.lora_A.weight`) and the whole base tensors the recipe trains under
 their model names (`backbone.embedding.weight`, norms, ...). The AdapterConfig is stored as JSON in the file's
-metadata, so `load_adapter` can apply the recipe to a fresh base model before loading.
+metadata, so `load_adapter` can apply the recipe to a fresh base model before loading. A file that cannot be
+read or does not fit the model raises CheckpointError, naming the file.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from hybridlm.adapters.config import AdapterConfig
 from hybridlm.adapters.recipes import ADAPTER_NAME, apply_adapter, lora_targets, recipe_base_parameters
+from hybridlm.checkpointing.io import CheckpointError
 from hybridlm.models.hybrid_lm import HybridLM
 
 _META_KEY = "hybridlm_adapter_config"
@@ -49,11 +51,19 @@ def save_adapter(model: HybridLM, path: str | Path) -> Path:
     return path
 
 
+def _read_file(path: str | Path, tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The file's metadata and (tensors=True) its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, ({n: f.get_tensor(n) for n in f.keys()} if tensors else {})
+    except Exception as e:  # SafetensorError / OSError for a missing, truncated or garbage file
+        raise CheckpointError(f"{path}: cannot read safetensors ({type(e).__name__}: {e})") from e
+
+
 def read_adapter_config(path: str | Path) -> AdapterConfig:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta, _ = _read_file(path, tensors=False)
     if _META_KEY not in meta:
-        raise ValueError(f"{path}: not a hybridlm adapter file (no {_META_KEY!r} metadata)")
+        raise CheckpointError(f"{path}: not a hybridlm adapter file (no {_META_KEY!r} metadata)")
     return AdapterConfig(**json.loads(meta[_META_KEY]))
 
 
@@ -65,18 +75,17 @@ def load_adapter(model: HybridLM, path: str | Path) -> HybridLM:
     if current is None:
         apply_adapter(model, cfg)
     elif current != cfg:
-        raise ValueError(f"{path}: adapter {cfg} does not match the model's adapter {current}")
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {n: f.get_tensor(n) for n in f.keys()}
+        raise CheckpointError(f"{path}: adapter {cfg} does not match the model's adapter {current}")
+    _, tensors = _read_file(path, tensors=True)
     expected = adapter_state_dict(model)
-    if set(tensors) != set(expected):
-        raise ValueError(f"{path}: tensors do not match the recipe; missing {sorted(set(expected) - set(tensors))}, "
-                         f"unexpected {sorted(set(tensors) - set(expected))}")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: tensors do not match the recipe; missing {missing}, unexpected {unexpected}")
     lora = {n: t for n, t in tensors.items() if "lora_" in n}
     if lora:
         result = set_peft_model_state_dict(model, lora, adapter_name=ADAPTER_NAME)
         if result.unexpected_keys:
-            raise ValueError(f"{path}: LoRA tensors not in the model: {result.unexpected_keys}")
+            raise CheckpointError(f"{path}: LoRA tensors not in the model: {result.unexpected_keys}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in tensors.items():

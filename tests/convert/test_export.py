@@ -1,4 +1,4 @@
-"""Export (DESIGN.md §7): hybridlm -> transformers Mamba2ForCausalLM (checked with transformers itself) and
+"""Export (docs/design.md §7): hybridlm -> transformers Mamba2ForCausalLM (checked with transformers itself) and
 -> mamba_ssm layout; what each target cannot express is refused; the `python -m hybridlm.export` entry point."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from hybridlm.export import export, main
-from hybridlm.models.checkpoints import CheckpointError, load_pretrained, load_state_dict_checked
+from hybridlm.convert import CheckpointError, export, load_pretrained, load_state_dict_checked
+from hybridlm.export import main
 from hybridlm.models.config import AttentionConfig, ModelConfig, SSMConfig
 from hybridlm.models.hybrid_lm import HybridLM
 

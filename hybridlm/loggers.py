@@ -1,17 +1,22 @@
 """Loggers: a CSV log always, W&B when enabled. W&B is offline unless an API key is configured (never a login
-prompt), and a W&B that cannot start never stops training: one warning, and the run goes on with CSV."""
+prompt), and a W&B that cannot start never stops training: one warning, and the run goes on with CSV.
+A resumed run continues the CSV log of the run it resumes (ResumableCSVLogger + truncate_csv_log) and its W&B
+run (the run id is in the checkpoint: hybridlm.checkpointing.callbacks.RunStateCallback)."""
 from __future__ import annotations
 
+import csv
 import logging
 import netrc
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from hybridlm.checkpointing import ResumableCSVLogger
 from hybridlm.config import LoggerConfig
 
 log = logging.getLogger(__name__)
@@ -106,3 +111,67 @@ def wandb_run_dir(loggers: list[Logger]) -> Optional[str]:
             except Exception:  # noqa: BLE001
                 return None
     return None
+
+
+# --------------------------------------------------------------------------------------------------- CSV log
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's writer deletes an existing metrics.csv when it starts; this one keeps it and appends with
+    the same columns (a new column rewrites the file with the union header, as Lightning does)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place; a kill in the middle would lose the log.
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        write_csv_atomically(Path(self.metrics_file_path), fieldnames, rows)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """A CSVLogger that continues an existing metrics.csv (see truncate_csv_log) and writes every logged row
+    at once (flush_logs_every_n_steps=1), so a killed run loses no row logged before its last checkpoint.
+    Local paths only (the writer uses the os module, for the atomic rename)."""
+
+    def __init__(self, *args: Any, flush_logs_every_n_steps: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, flush_logs_every_n_steps=flush_logs_every_n_steps, **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def truncate_csv_log(path: Path, from_step: int) -> int:
+    """Drop the rows a resumed run will log again (step >= from_step) and any row a kill cut short; atomic.
+    Returns the number of rows kept."""
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames or [], list(reader)
+
+    def kept(row: dict) -> bool:
+        try:
+            return int(row["step"]) < from_step and None not in row.values()  # None: a truncated last line
+        except (KeyError, TypeError, ValueError):
+            return False
+
+    rows = [r for r in rows if kept(r)]
+    write_csv_atomically(path, header, rows)
+    return len(rows)
+
+
+def write_csv_atomically(path: Path, header: list[str], rows: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

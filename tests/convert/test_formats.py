@@ -1,4 +1,4 @@
-"""Checkpoint import (DESIGN.md §7): transformers Mamba2ForCausalLM checkpoints made by transformers itself,
+"""Checkpoint import (docs/design.md §7): transformers Mamba2ForCausalLM checkpoints made by transformers itself,
 a mamba_ssm MambaLMHeadModel state dict of the documented layout built here by hand, hybridlm's own
 Lightning checkpoints, tokenizers stored with a checkpoint, and clear errors for bad files and configs.
 
@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from hybridlm.models.checkpoints import (
+from hybridlm.convert import (
     CheckpointError,
     detect_format,
     find_tokenizer,
@@ -23,6 +23,7 @@ from hybridlm.models.checkpoints import (
     load_pretrained,
     load_state_dict_checked,
     merge_model_config,
+    read_checkpoint,
     resolve_checkpoint,
 )
 from hybridlm.models.config import AttentionConfig, ModelConfig, SSMConfig
@@ -230,7 +231,7 @@ def test_mamba_ssm_layout_import(tmp_path):
 def test_mamba_ssm_layout_round_trips_bit_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from hybridlm.export import export
+    from hybridlm.convert import export
 
     config, sd = mamba_ssm_layout()
     cfg, model = hybrid_from(write_mamba_ssm(tmp_path / "ms", config, sd))
@@ -319,6 +320,10 @@ def test_hybridlm_lightning_checkpoint(tmp_path):
     assert loaded_cfg == cfg
     for key, value in module.model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+    # One read gives what evaluation needs besides the model: the training config (data settings) as saved.
+    read = read_checkpoint(ckpt)
+    assert (read.format, read.path, read.cfg) == ("hybridlm", ckpt, cfg)
+    assert read.run_config == module.hparams["cfg"] and read.run_config["data"]["seq_len"] == Config().data.seq_len
 
 
 def test_hybridlm_checkpoint_without_config_is_refused(tmp_path):
@@ -373,6 +378,7 @@ def test_corrupt_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="weights_only") as e:
         load_pretrained(ms)
     assert str(ms / "pytorch_model.bin") in str(e.value)
+    assert "set to `False`" not in str(e.value)  # torch's advice to unpickle anyway is not passed on
 
     (ms / "config.json").write_text('{"d_model": 3')
     with pytest.raises(CheckpointError, match="cannot read JSON") as e:
@@ -435,7 +441,7 @@ def test_matches_mamba_ssm_lm_head_model(tmp_path):
     from mamba_ssm.models.config_mamba import MambaConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
-    from hybridlm.export import export
+    from hybridlm.convert import export
 
     torch.manual_seed(0)
     config = MambaConfig(d_model=64, d_intermediate=128, n_layer=3, vocab_size=100, pad_vocab_size_multiple=16,

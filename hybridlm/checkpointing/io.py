@@ -1,0 +1,89 @@
+"""Checkpoint files: one reader for every checkpoint hybridlm opens, and atomic writes.
+
+Reading is always torch.load(weights_only=True): a checkpoint is data and never runs code. hybridlm's own
+checkpoints hold only tensors and plain containers (RunStateCallback stores numpy's RNG as a tensor), so
+nothing needs the unrestricted unpickler. A file that is missing, cannot be read or is not what the caller
+expects raises CheckpointError, whose message names the file (or the config key) and what is wrong.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, cannot be read, or does not fit; the message names the file or the key."""
+
+
+def torch_load(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """torch.load(weights_only=True), with an error that says what is wrong with the file. mmap=True reads the
+    structure without reading tensor data: enough to find a truncated file (its zip directory, at the end, is
+    missing) and to read metadata cheaply."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap can only be used" in str(e)):
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mmap
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        refused = re.search(r"[^.]*\bGLOBAL [\w.]+[^.]*", str(e))  # weights_only names the global it refused
+        what = ("holds Python objects other than tensors and plain containers, which hybridlm refuses to unpickle"
+                if refused else "is truncated or corrupt")
+        # Only torch's diagnosis: its advice to retry with weights_only=False is the one thing not to do here.
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", str(e), re.S)
+        detail = (refused.group(0) if refused else unpickler.group(1) if unpickler else str(e)[:300]).strip()
+        raise CheckpointError(f"checkpoint {path} {what} (torch.load(weights_only=True) raised "
+                              f"{type(e).__name__}: {detail})") from e
+
+
+def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """A Lightning checkpoint (a run's own, or one given as init_from / ckpt_path), read with torch_load. An
+    error also names the previous checkpoint in the same directory: the one to fall back to."""
+    path = Path(path)
+    try:
+        ckpt = torch_load(path, map_location, mmap)
+    except CheckpointError as e:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"{e}{previous_checkpoint_hint(path)}") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')"
+                              f"{previous_checkpoint_hint(path)}")
+    return ckpt
+
+
+def previous_checkpoint_hint(path: Path) -> str:
+    """'; the previous checkpoint is X': the newest other checkpoint in path's directory not newer than it."""
+    mtime = path.stat().st_mtime
+    older = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and p.stat().st_mtime <= mtime]
+    if not older:
+        return "; there is no older checkpoint in that directory"
+    return f"; the previous checkpoint is {max(older, key=lambda p: p.stat().st_mtime)}"
+
+
+def save_atomically(checkpoint: dict[str, Any], path: PathLike) -> None:
+    """torch.save to a temporary file, fsync, rename: a crash never leaves a half-written checkpoint under the
+    real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install train test test-all lint bench repro-lengthgen repro-sespan clean
+.PHONY: install train test test-all lint bench gpu-check repro-lengthgen repro-sespan clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ lint:
 # ARGS="--quick" for a smoke run, ARGS="--sections train ops" for some sections; results -> benchmarks/results.jsonl
 bench:
 	$(PY) -m benchmarks.run $(ARGS)
+
+# Every op and backend against references (fp32, bf16, fwd+bwd), a training step per backend and a throughput table,
+# in at most 8 minutes on a CUDA machine; on CPU only what needs no GPU. Prints one table, writes gpu_check.json.
+gpu-check:
+	$(PY) -m hybridlm.gpu_check $(ARGS)
 
 # Expansion Span (Nunez et al. 2024): pretrain at T=128, adapt at 8T with {swa,full,s2,se_attn} x {lora_plus,hylora},
 # evaluate; writes results/sespan/{table.md,results.json,figure.png} (runs and logs in outputs/sespan/).

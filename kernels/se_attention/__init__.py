@@ -38,10 +38,10 @@ Files: torch_ref.py (selection + attention, the reference op), scorers.py (geome
 mass), recall.py (recall@k diagnostic), naive.py (loops), triton_kernel.py (attention given a selection,
 forward and backward; imports triton, so it is not imported here).
 """
-from kernels.se_attention.naive import se_attention_naive
-from kernels.se_attention.recall import BlockRecall, block_recall
-from kernels.se_attention.scorers import SCORERS, block_attention_mass, block_summaries, register_scorer
-from kernels.se_attention.torch_ref import (
+from hybridlm.kernels.se_attention.naive import se_attention_naive
+from hybridlm.kernels.se_attention.recall import BlockRecall, block_recall
+from hybridlm.kernels.se_attention.scorers import SCORERS, block_attention_mass, block_summaries, register_scorer
+from hybridlm.kernels.se_attention.torch_ref import (
     attend_selected,
     block_scores,
     se_attention_torch,

@@ -13,8 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels.se_attention.scorers import block_attention_mass, eligible_mask
-from kernels.se_attention.torch_ref import block_scores, check_args, top_blocks
+from hybridlm.kernels.se_attention.scorers import block_attention_mass, eligible_mask
+from hybridlm.kernels.se_attention.torch_ref import block_scores, check_args, top_blocks
 
 
 class BlockRecall(NamedTuple):

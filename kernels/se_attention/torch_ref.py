@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.se_attention.scorers import SCORERS, n_chunks
+from hybridlm.kernels.se_attention.scorers import SCORERS, n_chunks
 
 
 def check_args(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, block_size: int, top_k: int, scorer: str) -> None:

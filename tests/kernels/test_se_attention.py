@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from kernels.se_attention import (
+from hybridlm.kernels.se_attention import (
     SCORERS,
     attend_selected,
     block_attention_mass,

@@ -4,8 +4,8 @@ checks against a dense-mask reference: outputs and gradients of q, k, v, fp32 on
 import pytest
 import torch
 
-from kernels.se_attention import attend_selected, select_blocks
-from kernels.se_attention.triton_kernel import attend_selected_triton
+from hybridlm.kernels.se_attention import attend_selected, select_blocks
+from hybridlm.kernels.se_attention.triton_kernel import attend_selected_triton
 
 
 def check(q, k, v, sel, M, S, scale=None):

@@ -295,6 +295,8 @@ def ensure_writable(out_dir: Path) -> None:
 
 
 def report(result: dict) -> None:
+    from hybridlm.usage import peak_rss_mb
+
     m = result["metrics"]
     parts = [f"val/loss {m['val/loss']:.4f}" if "val/loss" in m else None,
              f"checkpoint {result['checkpoint']}" if result["checkpoint"] else None,
@@ -303,13 +305,18 @@ def report(result: dict) -> None:
              f"adapter {result['adapter']}" if result.get("adapter") else None,
              (f"W&B run {result['wandb']}" + (" (offline: upload with `wandb sync " + result["wandb"] + "`)"
                                              if "offline-run" in result["wandb"] else "")) if result["wandb"] else None]
+    parts.append(f"peak RSS {peak_rss_mb():.0f} MB")  # since the job started (hybridlm.usage)
     print(f"hybridlm: done in {result['seconds']:.0f}s; outputs in {result['out_dir']}: "
           + "; ".join(p for p in parts if p), flush=True)
 
 
 def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
     """Runs one job. In a multirun a failure is recorded in the job's result.json and the sweep goes on;
-    in a single run it stops the program with the error (config errors without a traceback)."""
+    in a single run it stops the program with the error (config errors without a traceback). result.json also
+    holds the job's wall time and peak memory (hybridlm.usage), which `python -m hybridlm.results` tabulates."""
+    from hybridlm.usage import JobUsage
+
+    usage = JobUsage()  # starts the clock and resets the peak RSS: the job's own figures, in a shared process too
     hc = HydraConfig.get()
     job_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
@@ -326,6 +333,7 @@ def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
             raise
         log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
     finally:
+        record["resources"] = usage.record()
         if local_rank() == 0:
             # In the job's directory, where the sweep summary reads it, and in the run's own directory when a
             # resumed run went on there.

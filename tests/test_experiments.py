@@ -1,15 +1,22 @@
-"""Every file under conf/experiment/ composes into a valid config and trains a couple of steps."""
+"""Every file under conf/experiment/ composes into a valid config and trains a couple of steps; `make
+repro-lengthgen` runs the jobs its script used to run, and end to end (slow) builds its table from them."""
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from repro_helpers import VENV, effective, hydra_value, make_commands, sweep_jobs
 
 from hybridlm.config import register_configs, to_config
 from hybridlm.runner import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+# The files `make repro-*` runs (*/repro.yaml, */repro/*.yaml) add launcher and logging settings to the files they
+# include; their jobs are composed and compared with those files' jobs in test_make_repro_* below.
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
-                     for p in (CONF / "experiment").rglob("*.yaml"))
+                     for p in (CONF / "experiment").rglob("*.yaml") if "repro" not in (p.stem, p.parent.name))
 # Shrink whatever the experiment sets, keeping its structure (layer pattern, intervention, data mode, adapter).
 TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.ssm.chunk_size=16",
         "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2",
@@ -92,3 +99,62 @@ def test_an_explicit_stream_mode_is_kept_and_checked():
                                           "data.stream_mode=random"])
     with pytest.raises(ValueError, match="^data.stream_mode: intervention=tbtt needs data.stream_mode=contiguous"):
         to_config(cfg)
+
+
+# What scripts/repro_lengthgen.py ran (before `make repro-lengthgen` became a Hydra multirun): one process per arm,
+# `python -m hybridlm.train +experiment=lengthgen/<arm> seed=0 logger=csv hydra.run.dir=...`, OMP_NUM_THREADS=1,
+# two at a time, in this order.
+OLD_LENGTHGEN_ARMS = ["baseline", "random_noise", "fitted_noise", "state_passing", "tbtt"]
+
+
+def test_make_repro_lengthgen_runs_the_jobs_of_the_old_script(tmp_path):
+    train_cmd, reader = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(tmp_path / "runs"))
+    assert (train_cmd.module, train_cmd.multirun, reader.module) == ("hybridlm.train", True, "hybridlm.results")
+    assert train_cmd.env["OMP_NUM_THREADS"] == "1"
+    assert hydra_value(train_cmd, train_cmd.args, "launcher.n_jobs") == 2
+    jobs = sweep_jobs(train_cmd)
+    assert len(jobs) == len(OLD_LENGTHGEN_ARMS)
+    for job, arm in zip(jobs, OLD_LENGTHGEN_ARMS):
+        assert effective("train", job) == effective("train", [f"+experiment=lengthgen/{arm}", "seed=0", "logger=csv"])
+    assert reader.args[:2] == ["lengthgen", str(tmp_path / "runs")]
+
+
+def test_make_repro_lengthgen_passes_args_to_every_job(tmp_path):
+    (train_cmd, _) = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(tmp_path),
+                                   ARGS="seed=3 intervention=none,tbtt")
+    jobs = sweep_jobs(train_cmd)
+    assert [effective("train", job) for job in jobs] == [
+        effective("train", [f"+experiment=lengthgen/{arm}", "seed=3", "logger=csv"]) for arm in ("baseline", "tbtt")]
+
+
+# Small enough to run in a test: tiny streams, two training steps, a 4x-T length report.
+TINY_LENGTHGEN = ["trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                  "data.val_batches=1", "data.synthetic.num_streams=4", "data.synthetic.val_streams=2",
+                  "data.synthetic.stream_len=4096", "eval.max_len=256", "eval.n_sequences=4", "eval.batch_size=4"]
+
+
+@pytest.mark.slow
+def test_make_repro_lengthgen_end_to_end(tmp_path):
+    """The real target, shrunk through ARGS: a multirun of two arms, then the reader's table from their files."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = " ".join(["intervention=none,tbtt", *TINY_LENGTHGEN])
+    proc = subprocess.run(["make", "repro-lengthgen", f"VENV={VENV}", f"LENGTHGEN_RUNS={runs}",
+                           f"LENGTHGEN_OUT={out}", f"ARGS={args}"], cwd=CONF.parent, capture_output=True, text=True,
+                          env={**os.environ, "WANDB_MODE": "offline"}, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [a["arm"] for a in results["arms"]] == ["baseline", "tbtt"]
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == f'Command: `make repro-lengthgen ARGS="{args}"`'
+    for job_dir, arm, label in ((runs / "0", "baseline", "none"), (runs / "1", "tbtt", "TBTT")):
+        result = json.loads((job_dir / "result.json").read_text())
+        report = json.loads(next((job_dir / "length_eval").glob("step*/loss_by_position.json")).read_text())
+        usage = result["resources"]
+        assert usage["threads"] == 1 and usage["peak_rss_since"] == "job start" and usage["peak_rss_mb"] > 100
+        row = next(line for line in table if line.startswith(f"| {label} |")).split(" | ")
+        assert row[1] == f"{report['scalars']['target_last_bucket_over_train_half']:.2f}"
+        assert row[-2:] == [f"{usage['wall_seconds']:.0f}", f"{usage['peak_rss_mb']:.0f} |"]
+        assert (out / "logs" / f"{arm}.log").read_text() == (job_dir / "train.log").read_text()
+    summary = (runs / "summary.md").read_text()
+    assert "| wall time (s) | peak RSS (MB) |" in summary.splitlines()[0]
+    assert (out / "figure.png").stat().st_size > 0

@@ -1,5 +1,10 @@
-"""Span-Expanded Attention mixer (`attn.kind = "se_attn"`): Attention's parameters and projections, with the
-SE-Attn op (ops/span_attention.py) instead of plain windowed attention.
+"""Windowed SE-Attn mixer (`attn.kind = "se_attn_window"`): Attention's parameters and projections, with the op
+`ops.span_attention` (kernels/span_attention/) instead of plain windowed attention: a causal sliding window plus
+top_k blocks retrieved per query chunk, each chunk scored with the queries that end at its first query.
+
+This is the earlier variant (called se_attn before issue 12; the paper's chunked SE-Attn is se_attention.py). It
+is kept because it is causal and streams exactly: generation token by token equals one pass, with a bounded
+state when max_memory_blocks is set (docs/design.md §4).
 
 Query chunks are aligned at absolute positions that are multiples of C and memory blocks at multiples of M, so
 streaming in pieces of any length reproduces one pass.
@@ -34,11 +39,12 @@ from hybridlm.models.config import AttentionConfig
 from hybridlm.models.state import device_dtype
 
 
-class SpanExpandedAttention(Attention):
+class WindowedSpanAttention(Attention):
     def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)
         if cfg.scorer not in SCORERS:
-            raise ValueError(f"model.attn.scorer: unknown SE-Attn scorer {cfg.scorer!r}; use one of {sorted(SCORERS)}")
+            raise ValueError(f"model.attn.scorer: unknown se_attn_window scorer {cfg.scorer!r}; use one of "
+                             f"{sorted(SCORERS)}")
 
     @property
     def window(self) -> int | None:

@@ -1,5 +1,6 @@
-"""Span-Expanded Attention (DESIGN §4): the op against a dense mask built with loops, selection against a
-brute-force top-k, the limiting cases (sliding window, full attention), causality, and streaming."""
+"""Windowed SE-Attn (kind se_attn_window, docs/design.md §4; the op span_attention): the op against a dense mask
+built with loops, selection against a brute-force top-k, the limiting cases (sliding window, full attention),
+causality, and streaming."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
 from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
 from hybridlm.models.attention import Attention
-from hybridlm.models.se_attention import SpanExpandedAttention
+from hybridlm.models.se_attention_window import WindowedSpanAttention
 
 
 def rand_qkv(b=2, h=4, hkv=2, lq=23, lk=23, d=8, seed=0):
@@ -175,15 +176,15 @@ def test_window_plus_retrieval_covering_everything_equals_full_attention():
 
 
 def se_cfg(**kw):
-    base = dict(kind="se_attn", num_heads=4, num_heads_kv=2, window=5, block_size=3, top_k=2, query_chunk=4,
-                rotary_emb_dim=2)
+    base = dict(kind="se_attn_window", num_heads=4, num_heads_kv=2, window=5, block_size=3, top_k=2, query_chunk=4,
+                rotary_emb_dim=2, scorer="mean_dot")
     base.update(kw)
     return AttentionConfig(**base)
 
 
 def make_mixer(cfg, seed=0):
     torch.manual_seed(seed)
-    return SpanExpandedAttention(16, cfg).double()
+    return WindowedSpanAttention(16, cfg).double()
 
 
 def test_mixer_limits_equal_swa_and_full():
@@ -265,10 +266,10 @@ def test_bounded_bank_changes_what_is_retrieved():
 
 def test_bad_scorer_is_rejected():
     with pytest.raises(ValueError, match="scorer"):
-        SpanExpandedAttention(16, se_cfg(scorer="nope"))
+        WindowedSpanAttention(16, se_cfg(scorer="nope"))
 
 
-@pytest.mark.parametrize("kind", ["se_attn", "s2"])
+@pytest.mark.parametrize("kind", ["se_attn_window", "s2"])
 def test_hybrid_lm_forward_backward_and_streaming(kind):
     cfg = ModelConfig(d_model=16, layer_pattern="MAM", vocab_size=40, d_intermediate=24,
                       ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8), attn=se_cfg(kind=kind, group_ratio=0.25))
@@ -278,7 +279,7 @@ def test_hybrid_lm_forward_backward_and_streaming(kind):
     logits, _ = model(ids)
     logits.logsumexp(-1).mean().backward()
     attn = model.backbone.layers[1].mixer
-    assert type(attn).__name__ == {"se_attn": "SpanExpandedAttention", "s2": "S2Attention"}[kind]
+    assert type(attn).__name__ == {"se_attn_window": "WindowedSpanAttention", "s2": "S2Attention"}[kind]
     assert attn.in_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     model.eval()  # s2 streams with its inference attention

@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from hybridlm.kernels.se_attention.scorers import SCORERS as SE_SCORERS
+from hybridlm.kernels.span_attention.selection import SCORERS as SE_WINDOW_SCORERS
 from hybridlm.validation import need
 
 LAYER_KINDS = {"M": "Mamba-2 mixer", "A": "attention mixer"}
-ATTENTION_KINDS = ("full", "swa", "se_attn", "s2")
+ATTENTION_KINDS = ("full", "swa", "se_attn", "se_attn_window", "s2")
 
 
 @dataclass
@@ -31,24 +33,69 @@ class SSMConfig:
 
 @dataclass
 class AttentionConfig:
-    kind: str = "swa"  # full | swa | se_attn | s2
+    kind: str = "swa"  # full | swa | se_attn | se_attn_window | s2
     num_heads: int = 4
     num_heads_kv: Optional[int] = None  # None: same as num_heads (no grouped KV)
     head_dim: Optional[int] = None  # None: d_model // num_heads
-    window: int = 128  # keys each query sees (itself included) for swa / se_attn
+    window: int = 128  # keys each query sees (itself included) for swa / se_attn_window
     rotary_emb_dim: int = 0  # 0: no RoPE (as in NVIDIA's Mamba-2-Hybrid)
     rotary_emb_base: float = 10000.0
     qkv_proj_bias: bool = False
     out_proj_bias: bool = False
     d_conv: int = 0  # mamba_ssm's optional depthwise causal conv over qkv; 0 = off
-    # SE-Attn (Nunez et al. 2024): retrieved blocks of `block_size` tokens, `top_k` of them, per query chunk
+    # SE-Attn (Nunez et al. 2025, docs/design.md §4), kinds se_attn and se_attn_window: each query chunk
+    # retrieves `top_k` memory blocks of `block_size` tokens, ranked by `scorer`.
     block_size: int = 32
-    top_k: int = 4
+    top_k: int = 8
+    scorer: str = "paper"  # se_attn: paper | moba | quest | nsa | oracle; se_attn_window: mean_dot | max_dot | ...
+    # se_attn (the paper's): in training the chunk size M is drawn per layer call from `chunk_sizes` (the paper:
+    # {T, 2T} for a model pretrained at T); in eval M = eval_chunk_size (None: the largest of chunk_sizes).
+    chunk_sizes: list[int] = field(default_factory=lambda: [128, 256])
+    eval_chunk_size: Optional[int] = None
+    shared: bool = False  # one selection for all heads instead of one per head
+    # se_attn_window (sliding window + retrieval, streams exactly): chunks of query_chunk queries
     query_chunk: int = 64
-    scorer: str = "mean_dot"
     max_memory_blocks: Optional[int] = None  # bound on the streamed memory bank (None: unbounded)
     # S2-Attn (LongLoRA): group size = group_ratio * sequence length, training only
     group_ratio: float = 0.25
+
+    def validate_se(self) -> None:
+        """The SE-Attn keys of kind se_attn or se_attn_window (called by ModelConfig.validate)."""
+        _positive_int(self.block_size, "block_size")
+        need(_is_int(self.top_k) and self.top_k >= 0, "model.attn.top_k",
+             f"must be an integer >= 0, got {self.top_k!r}")
+        if self.kind == "se_attn_window":
+            _positive_int(self.query_chunk, "query_chunk")
+            need(self.scorer in SE_WINDOW_SCORERS, "model.attn.scorer",
+                 f"unknown scorer {self.scorer!r} for kind se_attn_window; known: {sorted(SE_WINDOW_SCORERS)}")
+            return
+        # Configs and checkpoints written before issue 12 called the windowed variant se_attn; its scorers say so.
+        need(self.scorer not in SE_WINDOW_SCORERS, "model.attn.scorer",
+             f"{self.scorer!r} is a scorer of kind se_attn_window, the windowed SE-Attn that was called se_attn "
+             f"before issue 12 (so are checkpoints of then with kind se_attn): use model.attn.kind=se_attn_window, "
+             f"or a se_attn scorer: {sorted(SE_SCORERS)}")
+        need(self.scorer in SE_SCORERS, "model.attn.scorer",
+             f"unknown scorer {self.scorer!r} for kind se_attn; known: {sorted(SE_SCORERS)}")
+        sizes = self.chunk_sizes
+        need(isinstance(sizes, (list, tuple)) and len(sizes) > 0, "model.attn.chunk_sizes",
+             f"must be a non-empty list of chunk sizes, got {sizes!r}")
+        for m in sizes:
+            need(_is_int(m) and m > 0 and m % self.block_size == 0, "model.attn.chunk_sizes",
+                 f"every chunk size must be a positive multiple of block_size={self.block_size}, got {list(sizes)}")
+        need(len(set(sizes)) == len(sizes), "model.attn.chunk_sizes", f"has repeated sizes: {list(sizes)}")
+        m = self.eval_chunk_size
+        need(m is None or (_is_int(m) and m > 0 and m % self.block_size == 0), "model.attn.eval_chunk_size",
+             f"must be null (the largest of chunk_sizes) or a positive multiple of block_size={self.block_size}, "
+             f"got {m!r}")
+        need(isinstance(self.shared, bool), "model.attn.shared", f"must be true or false, got {self.shared!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _positive_int(x, key: str) -> None:
+    need(_is_int(x) and x > 0, f"model.attn.{key}", f"must be a positive integer, got {x!r}")
 
 
 @dataclass
@@ -115,11 +162,9 @@ class ModelConfig:
             need(a.rotary_emb_dim >= 0 and a.rotary_emb_dim % 2 == 0 and a.rotary_emb_dim <= hd,
                  "model.attn.rotary_emb_dim", f"must be even and in [0, head_dim={hd}], got {a.rotary_emb_dim}")
             need(a.d_conv >= 0, "model.attn.d_conv", f"must be >= 0, got {a.d_conv}")
-            if a.kind in ("swa", "se_attn"):
+            if a.kind in ("swa", "se_attn_window"):
                 need(a.window > 0, "model.attn.window", f"must be positive for kind={a.kind}, got {a.window}")
-            if a.kind == "se_attn":
-                for k in ("block_size", "query_chunk"):
-                    need(getattr(a, k) > 0, f"model.attn.{k}", f"must be positive, got {getattr(a, k)}")
-                need(a.top_k >= 0, "model.attn.top_k", f"must be >= 0, got {a.top_k}")
+            if a.kind in ("se_attn", "se_attn_window"):
+                a.validate_se()
             if a.kind == "s2":
                 need(0 < a.group_ratio <= 1, "model.attn.group_ratio", f"must be in (0, 1], got {a.group_ratio}")

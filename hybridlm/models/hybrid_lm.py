@@ -15,11 +15,13 @@ from hybridlm.models.mamba2 import Mamba2
 from hybridlm.models.mlp import GatedMLP
 from hybridlm.models.norm import RMSNorm
 from hybridlm.models.se_attention import SpanExpandedAttention
+from hybridlm.models.se_attention_window import WindowedSpanAttention
 from hybridlm.models.state import State
 
 # attn.kind -> mixer class. All share Attention's parameters (in_proj, out_proj, optional conv1d), so a
 # checkpoint loads whatever kind the model is built with.
-ATTENTION_MIXERS = {"full": Attention, "swa": Attention, "se_attn": SpanExpandedAttention, "s2": S2Attention}
+ATTENTION_MIXERS = {"full": Attention, "swa": Attention, "se_attn": SpanExpandedAttention,
+                    "se_attn_window": WindowedSpanAttention, "s2": S2Attention}
 
 
 class Block(nn.Module):

@@ -1,34 +1,37 @@
-"""Span-Expanded Attention mixer (`attn.kind = "se_attn"`): Attention's parameters and projections, with the
-SE-Attn op (ops/span_attention.py) instead of plain windowed attention.
+"""Span-Expanded Attention mixer as the paper defines it (`attn.kind = "se_attn"`; Nunez et al., "Expansion Span",
+NeuS 2025; docs/design.md §4): Attention's parameters, projections and RoPE, then the op `ops.se_attention`
+(kernels/se_attention/): non-overlapping query chunks of M tokens, each attending causally to itself and to the
+top_k memory blocks of block_size tokens that its scorer ranks highest among the blocks wholly before it.
 
-Query chunks are aligned at absolute positions that are multiples of C and memory blocks at multiples of M, so
-streaming in pieces of any length reproduces one pass.
+Chunk size M (`chunk_size()`): in training, drawn uniformly from attn.chunk_sizes at every call of the layer
+(the paper draws from {T, 2T} for a model pretrained at T); in eval, attn.eval_chunk_size (None: the largest of
+chunk_sizes, the most context a chunk saw in training). The draw uses torch's global CPU generator, which the
+training loop reseeds at every batch from (seed, batch index, rank) (RunStateCallback in
+hybridlm/checkpointing/callbacks.py): the sizes are a function of the position in training, so a resumed run
+draws the sizes the uninterrupted one drew, and the layer keeps no random state of its own. Under DDP the rank is
+part of that seed, so ranks draw independently: each rank's micro-batch may run with another M. Nothing is
+exchanged inside the layer, so this is harmless for DDP (like per-rank dropout masks). A single chunk size draws
+nothing. `last_chunk_size` holds the M of the latest call.
 
-Streaming state (every tensor batch-first; a missing key means "empty"):
-  "k", "v"             (b, hkv, min(pos, W-1), hd)  the window: last W-1 keys/values (as kind "swa")
-  "mem_k", "mem_v"     (b, hkv, n_mem, hd)          the memory bank: keys/values at positions
-                                                    [bank_start, pos - W + 1), bank_start a multiple of M
-  "mem_sum"            (b, hkv, n_sum, hd) float32  block summaries (mean key) of the complete blocks from
-                                                    bank_start on (n_sum = pos // M - bank_start // M)
-  "q"                  (b, h, min(pos, C-1), hd)    the last queries, to score the next chunk (causal scoring)
-  "sel"                (b, hkv, top_k) long         absolute blocks selected by the chunk containing `pos`
-                                                    (present only while pos is inside a chunk)
-  "pos"                int                          tokens seen
-With top_k = 0 nothing is ever retrieved and only "k", "v", "pos" are kept. `zero_state` builds the empty state.
-
-Bank bound (`max_memory_blocks` = B): the candidates of a chunk are only the B most recent blocks that lie
-entirely before its first query's window (one pass applies the same rule, so streaming still equals one pass).
-The bank therefore drops its oldest blocks and keeps positions from (J - B) * M on, J = number of blocks wholly
-before the window of the current chunk's first query: at most B*M + M + C - 2 keys besides the window.
-With B = None the bank keeps every key (memory grows like full attention; compute stays W + k*M per query).
+Streaming state (docs/design.md §2): {"q": (b, h, pos, hd), "k", "v": (b, hkv, pos, hd) every query, key and
+value so far (after RoPE); "pos"; "conv" with d_conv > 0}; `zero_state` builds it empty. The paper scores a chunk
+with all its queries, so a chunk's selection is known only once the chunk is complete. A piece's outputs are
+therefore defined as those of one pass over everything seen so far (the layer reruns the op over the cached prefix
+and the piece and keeps the piece's rows). With a fixed M (eval mode, or one chunk size):
+- pieces whose boundaries are multiples of M give exactly the one-pass outputs and state;
+- other pieces (token-by-token decoding) see, in an unfinished chunk, the selection made by its queries so far:
+  causal, but not equal to one pass, where later queries of the chunk take part in the selection.
+Cost: the state grows like a full-attention cache and each piece costs one op call over the whole prefix; this is
+for evaluating in a few long pieces. The windowed variant (se_attention_window.py) streams exactly and cheaply.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from hybridlm import ops
-from hybridlm.kernels.span_attention.selection import SCORERS, block_summaries, select_blocks
 from hybridlm.models.attention import Attention
 from hybridlm.models.config import AttentionConfig
 from hybridlm.models.state import device_dtype
@@ -37,91 +40,42 @@ from hybridlm.models.state import device_dtype
 class SpanExpandedAttention(Attention):
     def __init__(self, d_model: int, cfg: AttentionConfig, layer_idx: int = 0):
         super().__init__(d_model, cfg, layer_idx)
-        if cfg.scorer not in SCORERS:
-            raise ValueError(f"model.attn.scorer: unknown SE-Attn scorer {cfg.scorer!r}; use one of {sorted(SCORERS)}")
+        self.last_chunk_size: Optional[int] = None
 
     @property
-    def window(self) -> int | None:
-        return self.cfg.window
+    def window(self) -> Optional[int]:
+        return None  # no sliding window: a chunk sees itself and its retrieved blocks
+
+    @torch.compiler.disable  # a python int chosen at random: the compiled graph is specialised on it
+    def chunk_size(self) -> int:
+        """M for this call: drawn from attn.chunk_sizes in training (global torch CPU generator), fixed in eval."""
+        c = self.cfg
+        if not self.training:
+            m = c.eval_chunk_size or max(c.chunk_sizes)
+        elif len(c.chunk_sizes) == 1:
+            m = c.chunk_sizes[0]
+        else:
+            m = c.chunk_sizes[int(torch.randint(len(c.chunk_sizes), ()))]
+        self.last_chunk_size = m
+        return m
 
     def zero_state(self, batch: int, device=None, dtype=None) -> dict:
-        """The empty state of `batch` sequences, which forward treats like None: Attention's empty cache and, with
-        top_k > 0, an empty memory bank: "mem_k", "mem_v" (batch, hkv, 0, hd), "mem_sum" (batch, hkv, 0, hd)
-        float32, "q" (batch, h, 0, hd); no "sel" (kept only while a chunk is unfinished). device and dtype default
-        to the parameters'."""
+        """Attention's empty cache plus "q": (batch, num_heads, 0, head_dim). device and dtype default to the
+        parameters'."""
         device, dtype = device_dtype(self, device, dtype)
         state = super().zero_state(batch, device, dtype)
-        if self.cfg.top_k > 0:
-            empty = lambda heads, dt: torch.zeros(batch, heads, 0, self.head_dim, device=device, dtype=dt)
-            hkv = self.num_heads_kv
-            state.update(mem_k=empty(hkv, dtype), mem_v=empty(hkv, dtype), mem_sum=empty(hkv, torch.float32),
-                         q=empty(self.num_heads, dtype))
+        state["q"] = torch.zeros(batch, self.num_heads, 0, self.head_dim, device=device, dtype=dtype)
         return state
 
-    def _select(self, q: Tensor, summaries: Tensor, n_keys: int, q_prev: Tensor | None) -> Tensor:
-        c = self.cfg
-        return select_blocks(q, summaries, n_keys, c.window, c.block_size, c.query_chunk, c.top_k, c.scorer,
-                             c.max_memory_blocks, q_prev)
-
-    def _op(self, q: Tensor, k: Tensor, v: Tensor, selected: Tensor) -> Tensor:
-        c = self.cfg
-        return ops.span_attention(q, k, v, selected, c.window, c.block_size, c.query_chunk)  # backend registry
-
     def attend(self, q: Tensor, k: Tensor, v: Tensor, state: dict) -> tuple[Tensor, dict]:
-        """q (b, h, L, hd) at positions pos..pos+L-1; k, v (b, hkv, cached window + L, hd)."""
+        """q (b, h, L, hd) at positions pos..pos+L-1; k, v (b, hkv, pos + L, hd) cached and new."""
+        n_new = q.shape[2]
+        if "q" in state:
+            q = torch.cat([state["q"].to(q.dtype), q], dim=2)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"se_attn state: {q.shape[2] - n_new} cached queries but {k.shape[2] - n_new} cached "
+                             "keys; pass a state produced by this layer")
         c = self.cfg
-        W, M, C, K = c.window, c.block_size, c.query_chunk, c.top_k
-        b, h, L, hd = q.shape
-        pos = state.get("pos", 0)
-        if K > 0 and "mem_k" in state:
-            k = torch.cat([state["mem_k"].to(k.dtype), k], dim=2)
-            v = torch.cat([state["mem_v"].to(v.dtype), v], dim=2)
-        lk = k.shape[2]
-        start = pos + L - lk  # absolute position of key index 0
-        if K > 0 and start % M != 0:
-            raise ValueError(f"SE-Attn state: cached keys start at position {start}, not a multiple of "
-                             f"block_size={M}; pass a state produced by this layer")
-        hkv = k.shape[1]
-        empty_sel = q.new_full((b, hkv, K), -1, dtype=torch.long)
-        summaries = None
-        if K > 0:
-            stored = state.get("mem_sum", q.new_zeros(b, hkv, 0, hd, dtype=torch.float32))
-            n_sum = stored.shape[2]
-            summaries = torch.cat([stored, block_summaries(k[:, :, n_sum * M: (lk // M) * M], M)], dim=2)
-
-        # Part 1: queries finishing a chunk begun in an earlier call reuse that chunk's selection.
-        r = min(L, (-pos) % C)
-        outs, sel_abs = [], state.get("sel", empty_sel)
-        if r > 0:
-            rel = torch.where(sel_abs >= 0, sel_abs - start // M, -1)[:, :, None]  # (b, hkv, 1, K)
-            outs.append(self._op(q[:, :, :r], k[:, :, : lk - (L - r)], v[:, :, : lk - (L - r)], rel))
-        # Part 2: the remaining queries start on a chunk boundary.
-        q_all = torch.cat([state["q"].to(q.dtype), q], dim=2) if "q" in state else q
-        if r < L:
-            n2, nq = L - r, q_all.shape[2]
-            if K > 0:
-                selected = self._select(q[:, :, r:], summaries, lk, q_all[:, :, max(0, nq - n2 - (C - 1)): nq - n2])
-            else:
-                selected = q.new_zeros(b, hkv, -(-n2 // C), 0, dtype=torch.long)
-            outs.append(self._op(q[:, :, r:], k, v, selected))
-            if (pos + L) % C != 0 and K > 0:
-                last = selected[:, :, -1]
-                sel_abs = torch.where(last >= 0, last + start // M, -1)
-        o = torch.cat(outs, dim=2)
-
-        # New state.
-        end = pos + L
-        win = min(lk, W - 1)
-        new_state = {"k": k[:, :, lk - win:], "v": v[:, :, lk - win:]}
-        if K > 0:
-            new_start = start
-            if c.max_memory_blocks is not None:
-                chunk_start = (end // C) * C
-                n_before = (chunk_start - W + 1) // M
-                new_start = max(start, max(0, n_before - c.max_memory_blocks) * M)
-            drop = new_start - start
-            new_state.update(mem_k=k[:, :, drop: lk - win], mem_v=v[:, :, drop: lk - win],
-                             mem_sum=summaries[:, :, drop // M:], q=q_all[:, :, max(0, q_all.shape[2] - (C - 1)):])
-            if end % C != 0:
-                new_state["sel"] = sel_abs
-        return o, new_state
+        o = ops.se_attention(q, k, v, chunk_size=self.chunk_size(), block_size=c.block_size, top_k=c.top_k,
+                             scorer=c.scorer, shared=c.shared)  # backend registry
+        return o[:, :, q.shape[2] - n_new:], {"q": q, "k": k, "v": v}

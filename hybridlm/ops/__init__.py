@@ -16,7 +16,8 @@ from hybridlm.kernels.ssd import ssd_scan
 from hybridlm.kernels.causal_conv1d import causal_conv1d
 from hybridlm.kernels.window_attention import window_attention
 from hybridlm.kernels.span_attention import span_attention
+from hybridlm.kernels.se_attention import se_attention
 # isort: on
 
-__all__ = ["ssd_scan", "causal_conv1d", "window_attention", "span_attention", "configure", "describe", "active",
-           "declined", "BackendUnavailableError"]
+__all__ = ["ssd_scan", "causal_conv1d", "window_attention", "span_attention", "se_attention", "configure", "describe",
+           "active", "declined", "BackendUnavailableError"]

@@ -11,7 +11,7 @@ class BackendConfig:
     name: auto (best available per op) | torch | triton | mamba_ssm. A named backend is used for every op
     that has one (torch for the others) and fails at start, saying why, if it cannot run on this machine.
     Per-op fields override `name` for one op; the environment variables HYBRIDLM_BACKEND_SSD / _CONV /
-    _WINDOW_ATTN / _SPAN_ATTN override both.
+    _WINDOW_ATTN / _SPAN_ATTN / _SE_ATTN override both.
     """
 
     name: str = "auto"
@@ -19,3 +19,4 @@ class BackendConfig:
     conv: Optional[str] = None
     window_attn: Optional[str] = None
     span_attn: Optional[str] = None
+    se_attn: Optional[str] = None

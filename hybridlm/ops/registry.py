@@ -33,10 +33,10 @@ BACKEND_NAMES = ("torch", "triton", "mamba_ssm")
 PRIORITY = {"torch": 0, "triton": 10, "mamba_ssm": 20}
 # Per-op environment overrides: HYBRIDLM_BACKEND_<suffix>=torch|triton|mamba_ssm.
 ENV_SUFFIX = {"ssd_scan": "SSD", "causal_conv1d": "CONV", "window_attention": "WINDOW_ATTN",
-              "span_attention": "SPAN_ATTN"}
+              "span_attention": "SPAN_ATTN", "se_attention": "SE_ATTN"}
 # BackendConfig field holding each op's override.
 CONFIG_FIELD = {"ssd_scan": "ssd", "causal_conv1d": "conv", "window_attention": "window_attn",
-                "span_attention": "span_attn"}
+                "span_attention": "span_attn", "se_attention": "se_attn"}
 
 Reason = Optional[str]
 

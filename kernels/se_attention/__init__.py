@@ -36,8 +36,17 @@ Where the paper is silent (Sec. 3.1, footnote 1: it describes a single head), th
 
 Files: torch_ref.py (selection + attention, the reference op), scorers.py (geometry, scorer registry, oracle
 mass), recall.py (recall@k diagnostic), naive.py (loops), triton_kernel.py (attention given a selection,
-forward and backward; imports triton, so it is not imported here).
+forward and backward; imports triton, so it is imported only once its backend is chosen).
+
+The op `se_attention` below dispatches through the backend registry (hybridlm/ops/registry.py; per-op override
+`backend.se_attn` or HYBRIDLM_BACKEND_SE_ATTN): torch = se_attention_torch; triton = the same torch selection,
+then attend_selected_triton.
 """
+from __future__ import annotations
+
+from torch import Tensor
+
+from hybridlm.kernels.availability import triton_auto_skip, triton_available, triton_tensors
 from hybridlm.kernels.se_attention.naive import se_attention_naive
 from hybridlm.kernels.se_attention.recall import BlockRecall, block_recall
 from hybridlm.kernels.se_attention.scorers import SCORERS, block_attention_mass, block_summaries, register_scorer
@@ -48,7 +57,37 @@ from hybridlm.kernels.se_attention.torch_ref import (
     select_blocks,
     top_blocks,
 )
+from hybridlm.ops.registry import PRIORITY, Backend, Reason, call, register
 
 __all__ = ["SCORERS", "BlockRecall", "attend_selected", "block_attention_mass", "block_recall", "block_scores",
-           "block_summaries", "register_scorer", "se_attention_naive", "se_attention_torch", "select_blocks",
-           "top_blocks"]
+           "block_summaries", "register_scorer", "se_attention", "se_attention_naive", "se_attention_torch",
+           "select_blocks", "top_blocks", "verify_se_attention_triton"]
+
+
+def se_attention(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, block_size: int, top_k: int,
+                 scorer: str = "paper", shared: bool = False, scale: float | None = None) -> Tensor:
+    """SE-Attn: q (b, h, L, d), k/v (b, hkv, L, d) with positions applied -> o (b, h, L, d); chunks of chunk_size
+    queries, each attending to its top_k retrieved blocks of block_size keys and causally to itself
+    (semantics in torch_ref.py)."""
+    return call("se_attention", q, k, v, chunk_size=chunk_size, block_size=block_size, top_k=top_k, scorer=scorer,
+                shared=shared, scale=scale)
+
+
+def verify_se_attention_triton(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Reason:
+    reason = triton_tensors(q, k, v)
+    if reason:
+        return reason
+    if q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} > 256"
+    return None
+
+
+def _load_triton():
+    from hybridlm.kernels.se_attention.triton_kernel import se_attention_triton
+
+    return se_attention_triton
+
+
+register(Backend("se_attention", "torch", PRIORITY["torch"], load=lambda: se_attention_torch))
+register(Backend("se_attention", "triton", PRIORITY["triton"], load=_load_triton, available=triton_available,
+                 verify=verify_se_attention_triton, auto_skip=triton_auto_skip))

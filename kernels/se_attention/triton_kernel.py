@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hybridlm.kernels.se_attention.torch_ref import select_blocks
+
 BLOCK_M = 16  # queries per program
 BLOCK_N = 16  # keys per inner step
 
@@ -283,3 +285,12 @@ def attend_selected_triton(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *
                          f"got {tuple(selection.shape)}")
     sc = scale if scale is not None else 1.0 / math.sqrt(d)
     return _SEAttention.apply(q, k, v, selection.to(torch.int64), chunk_size, block_size, sc)
+
+
+def se_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, block_size: int, top_k: int,
+                        scorer: str = "paper", shared: bool = False, scale: float | None = None) -> Tensor:
+    """The op's triton backend (contract: torch_ref.se_attention_torch): the torch selection (no gradient, cheap
+    next to the attention), then this file's attention kernel."""
+    sel = select_blocks(q, k, v, chunk_size=chunk_size, block_size=block_size, top_k=top_k, scorer=scorer,
+                        shared=shared, scale=scale)
+    return attend_selected_triton(q, k, v, sel, chunk_size=chunk_size, block_size=block_size, scale=scale)

@@ -1,5 +1,6 @@
-"""span_attention: Span-Expanded Attention (SE-Attn), a causal sliding window plus k retrieved memory blocks, and
-where its backends register. Two pieces, split so a kernel can replace the second one:
+"""span_attention: the windowed SE-Attn of attention kind se_attn_window (models/se_attention_window.py), a causal
+sliding window plus k retrieved memory blocks, and where its backends register. The paper's chunked SE-Attn (kind
+se_attn) is the op se_attention (kernels/se_attention/). Two pieces, split so a kernel can replace the second one:
 
     selection.py      select_blocks (no gradient): top-k memory blocks per query chunk, by a swappable scorer
     torch_ref.py      span_attention_torch: attention over each chunk's selected blocks and its window; always

@@ -1,4 +1,4 @@
-"""Span-Expanded Attention (SE-Attn, Nunez et al. 2024): a causal sliding window plus k retrieved memory blocks.
+"""Windowed SE-Attn (attention kind se_attn_window): a causal sliding window plus k retrieved memory blocks.
 
 The torch op `span_attention_torch`: every query of a chunk attends, in one softmax, to the keys of its chunk's
 selected blocks and to its own causal window. Gradients flow into the retrieved keys/values. The blocks are chosen
@@ -7,7 +7,7 @@ before, without gradient, by `select_blocks` (selection.py), so a kernel can rep
 Coordinates (shared with window_attention): k/v hold Lk >= Lq positions and the last Lq belong to the queries,
 so query i sits at key index i + (Lk - Lq). Block j is keys [j*M, (j+1)*M). Query chunk n is queries
 [n*C, min((n+1)*C, Lq)). Callers that stream keep key index 0 on a block boundary and start q on a chunk
-boundary (see models/se_attention.py), so these relative coordinates agree with absolute positions.
+boundary (see models/se_attention_window.py), so these relative coordinates agree with absolute positions.
 """
 from __future__ import annotations
 

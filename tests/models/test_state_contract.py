@@ -1,5 +1,6 @@
 """docs/design.md §2: running a sequence in pieces with the state passed along equals one pass, for every layer kind;
 and each mixer equals a naive per-token computation written here from its raw parameters."""
+import dataclasses
 import math
 import random
 
@@ -32,6 +33,9 @@ ATTN_VARIANTS = {
     "swa_gqa_rope_conv": AttentionConfig(kind="swa", num_heads=4, num_heads_kv=2, window=6, rotary_emb_dim=4,
                                          d_conv=3, qkv_proj_bias=True, out_proj_bias=True),
     "full_rope": AttentionConfig(kind="full", num_heads=2, rotary_emb_dim=16),
+    # the windowed SE-Attn streams exactly (pieces of any length); the paper's se_attn only on chunk boundaries
+    "se_attn_window": AttentionConfig(kind="se_attn_window", num_heads=4, num_heads_kv=2, window=6, block_size=4,
+                                      query_chunk=4, top_k=2, scorer="mean_dot", d_conv=3),
 }
 
 
@@ -85,7 +89,7 @@ def test_gradients_equal_when_state_not_detached():
         torch.testing.assert_close(g_pieces[n], g_full[n], rtol=1e-8, atol=1e-10, msg=n)
 
 
-@pytest.mark.parametrize("variant", ["full", "swa_gqa_rope_conv"])
+@pytest.mark.parametrize("variant", ["full", "swa_gqa_rope_conv", "se_attn_window"])
 def test_token_by_token_generation_equals_one_pass(variant):
     model = make_model("MAM", ATTN_VARIANTS[variant], d_intermediate=16)
     ids = torch.randint(0, VOCAB, (1, 6))
@@ -100,6 +104,24 @@ def test_token_by_token_generation_equals_one_pass(variant):
         next_logits = step_logits[:, -1]
     full_logits, full_state = model(seq)
     torch.testing.assert_close(next_logits, full_logits[:, -1], rtol=1e-9, atol=1e-9)
+    assert_states_close(state, full_state)
+
+
+SE_ATTN = AttentionConfig(kind="se_attn", num_heads=4, num_heads_kv=2, chunk_sizes=[4, 8], eval_chunk_size=8,
+                          block_size=4, top_k=2, rotary_emb_dim=4, d_conv=3)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_se_attn_pieces_on_chunk_boundaries_equal_one_pass(training):
+    """The paper's SE-Attn scores a chunk with all its queries: pieces equal one pass when every cut is a multiple of
+    the chunk size (eval: eval_chunk_size; training: a single chunk size, or the draws would differ per call);
+    tests/models/test_se_attn.py checks what other cuts give."""
+    attn = dataclasses.replace(SE_ATTN, chunk_sizes=[8]) if training else SE_ATTN
+    model = make_model("MAMA", attn, d_intermediate=24).train(training)
+    ids = torch.randint(0, VOCAB, (2, 45))
+    full_logits, full_state = model(ids)
+    logits, state = run_pieces(model, ids, [8, 16, 40])
+    torch.testing.assert_close(logits, full_logits, rtol=1e-9, atol=1e-9)
     assert_states_close(state, full_state)
 
 
@@ -210,30 +232,34 @@ def test_map_state_keeps_positions():
 ZERO_STATE_VARIANTS = {
     **ATTN_VARIANTS,
     "s2": AttentionConfig(kind="s2", num_heads=4, group_ratio=0.25),
-    "se_attn": AttentionConfig(kind="se_attn", num_heads=4, num_heads_kv=2, window=6, block_size=4, query_chunk=4,
-                               top_k=2, d_conv=3),
-    "se_attn_no_retrieval": AttentionConfig(kind="se_attn", num_heads=4, window=6, block_size=4, query_chunk=4,
-                                            top_k=0),
+    "se_attn": SE_ATTN,
+    "se_attn_no_retrieval": AttentionConfig(kind="se_attn", num_heads=4, chunk_sizes=[4, 8], block_size=4, top_k=0),
+    "se_attn_window_no_retrieval": AttentionConfig(kind="se_attn_window", num_heads=4, window=6, block_size=4,
+                                                   query_chunk=4, top_k=0, scorer="mean_dot"),
 }
 
 
 @pytest.mark.parametrize("variant", list(ZERO_STATE_VARIANTS))
 @pytest.mark.parametrize("training", [False, True])
 def test_zero_state_runs_like_no_state(variant, training):
-    """Starting from model.zero_state(b) gives the logits and final state of starting from None."""
+    """Starting from model.zero_state(b) gives the logits and final state of starting from None (se_attn draws its
+    chunk size in training: both passes draw from the same seed)."""
     model = make_model("MAMA", ZERO_STATE_VARIANTS[variant], d_intermediate=16).train(training)
     ids = torch.randint(0, VOCAB, (3, 23))
+    torch.manual_seed(1)
     ref_logits, ref_state = model(ids)
+    torch.manual_seed(1)
     logits, state = model(ids, model.zero_state(3))
     torch.testing.assert_close(logits, ref_logits, rtol=1e-9, atol=1e-9)
     assert_states_close(state, ref_state)
 
 
-@pytest.mark.parametrize("variant", ["swa_gqa_rope_conv", "s2", "se_attn", "se_attn_no_retrieval"])
+@pytest.mark.parametrize("variant", ["swa_gqa_rope_conv", "s2", "se_attn", "se_attn_no_retrieval", "se_attn_window",
+                                     "se_attn_window_no_retrieval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_zero_state_is_shaped_like_a_final_state(variant, dtype):
     """Every entry of the zero state has the dtype, device and shape of the entry a forward pass returns; attention
-    caches are empty (length 0 along dim 2) and at position 0. Only SE-Attn's "sel" (kept while a chunk is
+    caches are empty (length 0 along dim 2) and at position 0. Only se_attn_window's "sel" (kept while a chunk is
     unfinished, here after 23 tokens in chunks of 4) is absent."""
     model = make_model("MAM", ZERO_STATE_VARIANTS[variant]).to(dtype).eval()
     _, final = model(torch.randint(0, VOCAB, (2, 23)))
@@ -255,12 +281,14 @@ def test_zero_state_is_shaped_like_a_final_state(variant, dtype):
                 assert t.shape[2] == 0 and t.shape[:2] + t.shape[3:] == f[k].shape[:2] + f[k].shape[3:], (i, k)
 
 
-def test_zero_state_device_and_dtype_arguments():
+@pytest.mark.parametrize("variant", ["se_attn", "se_attn_window"])
+def test_zero_state_device_and_dtype_arguments(variant):
     """dtype is the activations' dtype: conv and key/value entries take it, the SSM state is at least float32."""
-    model = make_model("MA", ZERO_STATE_VARIANTS["se_attn"]).float()
+    model = make_model("MA", ZERO_STATE_VARIANTS[variant]).float()
     m, a = model.zero_state(1, device="cpu", dtype=torch.bfloat16)
     assert m["ssm"].dtype == torch.float32 and m["conv"].dtype == torch.bfloat16
-    assert a["k"].dtype == a["conv"].dtype == a["q"].dtype == torch.bfloat16 and a["mem_sum"].dtype == torch.float32
+    assert a["k"].dtype == a["conv"].dtype == a["q"].dtype == torch.bfloat16
+    assert variant == "se_attn" or a["mem_sum"].dtype == torch.float32
     assert m["ssm"].shape == (1, 8, 8, 8) and m["conv"].shape == (1, 3, 64 + 2 * 8)  # nheads = 2*32/8, conv_dim
     assert a["k"].shape == (1, 2, 0, 8) and a["q"].shape == (1, 4, 0, 8)  # hkv = 2, h = 4, head_dim = 32/4
     assert all(t.device.type == "cpu" for s in (m, a) for t in s.values() if torch.is_tensor(t))
@@ -273,4 +301,6 @@ def test_layer_queries_follow_the_layer_pattern():
     for i, mixer in mamba + attention:
         assert mixer is model.backbone.layers[i].mixer
     assert type(attention[0][1]).__name__ == "SpanExpandedAttention"
+    assert type(make_model("MA", ZERO_STATE_VARIANTS["se_attn_window"]).attention_layers()[0][1]).__name__ == (
+        "WindowedSpanAttention")
     assert make_model("MMM").attention_layers() == [] and make_model("A").mamba_layers() == []

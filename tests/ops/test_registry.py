@@ -18,7 +18,7 @@ from hybridlm.ops.config import BackendConfig
 from hybridlm.ops.registry import Backend, BackendUnavailableError
 
 ENV_VARS = ["HYBRIDLM_BACKEND_SSD", "HYBRIDLM_BACKEND_CONV", "HYBRIDLM_BACKEND_WINDOW_ATTN",
-            "HYBRIDLM_BACKEND_SPAN_ATTN", "HYBRIDLM_BACKEND_TOY", "TRITON_INTERPRET"]
+            "HYBRIDLM_BACKEND_SPAN_ATTN", "HYBRIDLM_BACKEND_SE_ATTN", "HYBRIDLM_BACKEND_TOY", "TRITON_INTERPRET"]
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
 
@@ -47,7 +47,8 @@ def toy(monkeypatch):
 @no_gpu
 def test_auto_on_this_cpu_machine_is_torch_and_says_why():
     chains = ops.configure("auto")
-    assert chains == {op: ("torch",) for op in ("ssd_scan", "causal_conv1d", "window_attention", "span_attention")}
+    assert chains == {op: ("torch",) for op in ("ssd_scan", "causal_conv1d", "window_attention", "span_attention",
+                                                   "se_attention")}
     table = ops.describe()
     for op in chains:
         assert op in table
@@ -130,4 +131,4 @@ def test_importing_an_op_module_first_registers_every_op_in_order():
     code = ("import hybridlm.kernels.span_attention.selection; from hybridlm.ops import registry; "
             "print(*registry._BACKENDS)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["ssd_scan", "causal_conv1d", "window_attention", "span_attention"]
+    assert out.split() == ["ssd_scan", "causal_conv1d", "window_attention", "span_attention", "se_attention"]

@@ -69,7 +69,8 @@ def verify_ssd_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=None) ->
     # one program holds a whole chunk, head and state: bounded so it fits a GPU's registers/shared memory
     if x.shape[-1] > 128 or B.shape[-1] > 256 or chunk_size > 256:
         return f"headdim {x.shape[-1]} > 128, d_state {B.shape[-1]} > 256 or chunk_size {chunk_size} > 256"
-    return None
+    from kernels.ssd.chunk import ssd_triton_fits  # imported already: this backend is in the chain (registry.configure)
+    return ssd_triton_fits(x, B, chunk_size)
 
 
 def verify_attention_triton(q, k, v, *args, **kwargs) -> Reason:

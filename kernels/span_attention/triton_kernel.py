@@ -18,13 +18,11 @@ import triton.language as tl
 from torch import Tensor
 
 from hybridlm.kernels.window_attention.triton_kernel import (
-    BLOCK_M,
-    BLOCK_N,
     _attend_range,
     _dkdv_range,
     _dq_range,
     _window_range,
-    block_d,
+    attention_blocks,
     inner_strides,
     lastdim_contiguous,
     window_dkdv,
@@ -141,12 +139,13 @@ class _SpanAttention(torch.autograd.Function):
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         n_chunks, top_k = selected.shape[2], selected.shape[3]
-        n_sub = triton.cdiv(query_chunk, BLOCK_M)
+        blocks = attention_blocks(d)
+        n_sub = triton.cdiv(query_chunk, blocks["BLOCK_M"])
         o = torch.empty(b, h, lq, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
         _span_fwd_kernel[(n_chunks * n_sub, b * h)](
             q, k, v, selected, o, lse, lq, lk, h, hkv, d, window, scale, block_size, query_chunk, n_chunks, n_sub,
-            *inner_strides(q, k, v), TOP_K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
+            *inner_strides(q, k, v), TOP_K=top_k, **blocks)
         ctx.save_for_backward(q, k, v, selected, o, lse)
         ctx.cfg = (window, block_size, query_chunk, scale)
         return o
@@ -158,11 +157,12 @@ class _SpanAttention(torch.autograd.Function):
         b, h, lq, d = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         n_chunks, top_k = selected.shape[2], selected.shape[3]
-        n_sub = triton.cdiv(query_chunk, BLOCK_M)
+        blocks = attention_blocks(d)
+        n_sub = triton.cdiv(query_chunk, blocks["BLOCK_M"])
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # (b, h, lq)
         common = (lq, lk, h, hkv, d, window, scale, block_size, query_chunk, n_chunks)
-        meta = dict(TOP_K=top_k, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
+        meta = dict(TOP_K=top_k, **blocks)
         dq = torch.empty(b, h, lq, d, device=q.device, dtype=torch.float32)
         _span_dq_kernel[(n_chunks * n_sub, b * h)](q, k, v, selected, do, lse, delta, dq, *common, n_sub,
                                                    *inner_strides(q, k, v), **meta)

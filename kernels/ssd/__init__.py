@@ -31,10 +31,11 @@ def verify_ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, initial_state=Non
     reason = triton_tensors(x, dt, A, B, C, D, initial_state)
     if reason:
         return reason
-    # one program holds a whole chunk, head and state: bounded so it fits a GPU's registers/shared memory
-    if x.shape[-1] > 128 or B.shape[-1] > 256 or chunk_size > 256:
-        return f"headdim {x.shape[-1]} > 128, d_state {B.shape[-1]} > 256 or chunk_size {chunk_size} > 256"
-    return None
+    # The kernels tile positions, head dim and state dim (<= 64 wide), so only launch limits remain; triton is
+    # importable here: verifiers run only for backends already in the chain.
+    from hybridlm.kernels.ssd.triton_kernel import ssd_triton_fits
+
+    return ssd_triton_fits(x, B, chunk_size)
 
 
 def _load_triton():

@@ -19,12 +19,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_M = 16  # queries per program
-BLOCK_N = 16  # keys per inner step
 
-
-def block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def attention_blocks(head_dim: int) -> dict[str, int]:
+    """Tile sizes of every window/span attention kernel: queries per program (BLOCK_M), keys per inner step
+    (BLOCK_N), the head dim padded to a power of two (BLOCK_D). The wrappers and kernels/compile_check.py take
+    them from here."""
+    return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
 
 
 @triton.jit
@@ -212,8 +212,9 @@ class _WindowAttention(torch.autograd.Function):
         o = torch.empty(b, h, lq, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, h, lq, device=q.device, dtype=torch.float32)
         args = (lq, lk, h, hkv, d, window or 0, scale, *inner_strides(q, k, v))
-        meta = dict(HAS_WINDOW=window is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
-        _fwd_kernel[(triton.cdiv(lq, BLOCK_M), b * h)](q, k, v, o, lse, *args, **meta)
+        blocks = attention_blocks(d)
+        _fwd_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), b * h)](q, k, v, o, lse, *args, HAS_WINDOW=window is not None,
+                                                                 **blocks)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.window, ctx.scale = window, scale
         return o
@@ -226,9 +227,10 @@ class _WindowAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (do.float() * o.float()).sum(-1)  # (b, h, lq): rowsum(dO * O) = sum_j P_ij dP_ij
         args = (lq, lk, h, hkv, d, ctx.window or 0, ctx.scale, *inner_strides(q, k, v))
-        meta = dict(HAS_WINDOW=ctx.window is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
+        blocks = attention_blocks(d)
         dq = torch.empty(b, h, lq, d, device=q.device, dtype=torch.float32)
-        _dq_kernel[(triton.cdiv(lq, BLOCK_M), b * h)](q, k, v, do, lse, delta, dq, *args, **meta)
+        _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), b * h)](q, k, v, do, lse, delta, dq, *args,
+                                                                HAS_WINDOW=ctx.window is not None, **blocks)
         dk, dv = window_dkdv(q, k, v, do, lse, delta, ctx.window, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -241,9 +243,10 @@ def window_dkdv(q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta:
     hkv, lk = k.shape[1], k.shape[2]
     dk = torch.empty(b, hkv, lk, d, device=q.device, dtype=torch.float32)
     dv = torch.empty_like(dk)
-    _dkdv_kernel[(triton.cdiv(lk, BLOCK_N), b * hkv)](
+    blocks = attention_blocks(d)
+    _dkdv_kernel[(triton.cdiv(lk, blocks["BLOCK_N"]), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, lq, lk, h, hkv, d, window or 0, scale, *inner_strides(q, k, v),
-        HAS_WINDOW=window is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(d))
+        HAS_WINDOW=window is not None, **blocks)
     return dk, dv
 
 

@@ -1,5 +1,7 @@
-"""`python -m hybridlm.evaluate ckpt_path=... [eval=length_report]`: validation loss and the length diagnostics
-of any checkpoint — a hybridlm .ckpt, or an official mamba_ssm / Hugging Face Mamba-2 directory."""
+"""`python -m hybridlm.evaluate ckpt_path=... [eval=length_report|block_recall]`: validation loss and the length
+diagnostics (or the SE-Attn scorer diagnostic) of any checkpoint — a hybridlm .ckpt, or an official mamba_ssm /
+Hugging Face Mamba-2 directory — with the attention kind eval.attention names (full by default; same: as
+trained; docs/design.md §4)."""
 from __future__ import annotations
 
 import hydra

@@ -238,7 +238,7 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
 def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]] = None) -> dict:
     """Validation loss and (with eval diagnostics) the length report of cfg.ckpt_path, written to out_dir."""
     from hybridlm.data import HybridDataModule
-    from hybridlm.eval import run_length_report
+    from hybridlm.eval import run_length_report, with_eval_attention
 
     if task_overrides is None:
         task_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -259,6 +259,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     L.seed_everything(typed.seed, workers=True, verbose=False)
     model = HybridLM(typed.model)
     load_state_dict_checked(model, ckpt.state_dict, source=str(path))
+    model = with_eval_attention(model, typed.eval.attention)  # val/loss with it too (docs/design.md §4)
     module = HybridLMModule(typed, model=model)
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")

@@ -209,7 +209,7 @@ def test_unreadable_or_foreign_adapter_files_name_the_file(tmp_path):
     from hybridlm.models import HybridLM, ModelConfig, SSMConfig
 
     def base():
-        return HybridLM(ModelConfig(d_model=16, layer_pattern="MM", vocab_size=40,
+        return HybridLM(ModelConfig(d_model=16, layer_pattern="MA", vocab_size=40,  # hylora's LoRA needs attention
                                     ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8)))
 
     path = save_adapter(apply_adapter(base(), AdapterConfig(name="hylora", r=2)), tmp_path / "adapter.safetensors")

@@ -8,6 +8,7 @@ _LAZY = {
     "apply_adapter": "recipes", "recipe_attention_kind": "recipes",
     "trainable_parameter_table": "params", "format_parameter_table": "params",
     "save_adapter": "io", "load_adapter": "io", "read_adapter_config": "io", "merge_adapter": "io",
+    "merged_state_dict": "merged",
 }
 
 __all__ = ["AdapterConfig", "RECIPES", *_LAZY]

@@ -4,7 +4,8 @@
   full       every parameter trainable
   lora       LoRA(r, alpha, dropout) on the attention in_proj (fused q/k/v) and out_proj; nothing else trains
   lora_plus  lora + input embedding and every norm weight trainable (LongLoRA's recipe)
-  hylora     lora_plus + LoRA on the Mamba-2 in_proj / out_proj + Mamba-2 conv1d (weight, bias) trainable
+  hylora     lora_plus + the Mamba-2 conv1d (weight, bias) trainable (Nunez et al. 2025's HyLoRA: no LoRA on the
+             Mamba-2 in_proj / out_proj; A_log, dt_bias, D frozen)
   longlora   lora_plus, trained with S2-Attn (the attention kind is switched to "s2" for training)
 """
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Fine-tuning recipes (see adapters/config.py) applied in place to a HybridLM.
 
 LoRA layers come from peft (`inject_adapter_in_model`), which keeps the model a plain HybridLM whose forward the
-training code calls unchanged. LoRA wraps only modules whose forward is called: the attention and Mamba-2
-in_proj/out_proj Linears. The Mamba-2 conv1d weight is read by the conv op directly, so it is trained whole.
+training code calls unchanged. Every recipe puts LoRA on the attention in_proj/out_proj Linears only (HyLoRA as
+Nunez et al. 2025 define it: no LoRA on the SSM projections, docs/design.md §5). The Mamba-2 conv1d that hylora
+trains is trained whole (its weight is read by the conv op directly, so a LoRA on it would never run).
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ def lora_targets(model: HybridLM, cfg: AdapterConfig) -> list[str]:
     """Full module names that get LoRA under the recipe."""
     if cfg.name not in ("lora", "lora_plus", "hylora", "longlora"):
         return []
-    layers = model.attention_layers() + (model.mamba_layers() if cfg.name == "hylora" else [])
-    return [f"backbone.layers.{i}.mixer.{p}" for i, _ in layers for p in _PROJECTIONS]
+    return [f"backbone.layers.{i}.mixer.{p}" for i, _ in model.attention_layers() for p in _PROJECTIONS]
 
 
 def recipe_base_parameters(model: HybridLM, cfg: AdapterConfig) -> list[str]:
@@ -42,7 +42,7 @@ def recipe_base_parameters(model: HybridLM, cfg: AdapterConfig) -> list[str]:
     for mod_name, mod in model.named_modules():
         if isinstance(mod, (RMSNorm, RMSNormGated)):
             names.append(f"{mod_name}.weight")
-    if cfg.name == "hylora":
+    if cfg.name == "hylora":  # + the Mamba-2 1-D convolutions; A_log, dt_bias, D and the SSM projections stay frozen
         for i, mixer in model.mamba_layers():
             names += [f"backbone.layers.{i}.mixer.conv1d.{n}" for n, _ in mixer.conv1d.named_parameters()]
     return names

@@ -5,9 +5,9 @@ wait at their next collective). Outputs go to {out_dir}/step{global_step}/ and t
 step = global_step. The end-of-training run uses `on_train_end`, while the model is still on its device and the
 loggers are still open (`on_fit_end` comes after the strategy's teardown).
 
-Configuration problems (no source of sequences for the selected diagnostics) fail in `setup`, before training. An
-error while a report runs is logged with its traceback and recorded in `reports`, and training goes on: a
-diagnostic must not cost the run (or its final checkpoint).
+Configuration problems (no source of sequences for the selected diagnostics, an eval.attention the model cannot
+run) fail in `setup`, before training. An error while a report runs is logged with its traceback and recorded in
+`reports`, and training goes on: a diagnostic must not cost the run (or its final checkpoint).
 """
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from hybridlm.eval.attention import check_eval_attention
 from hybridlm.eval.config import EvalConfig
 from hybridlm.eval.run import SEQUENCE_DIAGNOSTICS, run_length_report
+from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ class LengthEvalCallback(Callback):
         self.reports: list[dict[str, Any]] = []  # results of this process's runs: {"step", "dir", "results"}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        model = getattr(pl_module, "model", None)
+        if isinstance(model, HybridLM):  # an attention kind the model cannot run is refused before training
+            check_eval_attention(model.cfg, self.cfg.attention)
         needs = sorted(SEQUENCE_DIAGNOSTICS & set(self.cfg.diagnostics))
         if not needs or self.sequences is not None:
             return

@@ -13,7 +13,9 @@ from lightning.pytorch.loggers import Logger
 from torch import Tensor
 
 from hybridlm.data.tokenizers import ByteTokenizer, Tokenizer
-from hybridlm.eval.config import EvalConfig
+from hybridlm.eval.attention import attention_label, with_eval_attention
+from hybridlm.eval.block_recall import head_recalls, recall_rows, recall_summary
+from hybridlm.eval.config import EvalConfig, recall_geometry
 from hybridlm.eval.effrem import default_grid, effrem
 from hybridlm.eval.position import loss_by_position
 from hybridlm.eval.report import Diagnostic, emit
@@ -22,7 +24,7 @@ from hybridlm.eval.state_norms import state_norms
 from hybridlm.eval.tasks import copy_accuracy, passkey_grid
 
 log = logging.getLogger(__name__)
-SEQUENCE_DIAGNOSTICS = {"loss_by_position", "effrem", "state_norms"}  # these read evaluation sequences
+SEQUENCE_DIAGNOSTICS = {"loss_by_position", "effrem", "state_norms", "block_recall"}  # these read evaluation sequences
 
 
 def _mark_train_len(ax, T: int) -> None:
@@ -137,6 +139,44 @@ def copy_diagnostic(model, cfg: EvalConfig, vocab_size: int, chunk_len: int, bat
                       meta={"mode": cfg.copy_mode, "vocab_size": vocab_size, "samples": cfg.copy_samples})
 
 
+def recall_lengths(cfg: EvalConfig, T: int) -> tuple[int, int]:
+    """(sequence length, chunk size) of block_recall, the zeros resolved from the training length T and checked."""
+    length, chunk = cfg.recall_seq_len or 8 * T, cfg.recall_chunk_size or T
+    recall_geometry(length, chunk, cfg.recall_block_size, cfg.recall_top_k)
+    return length, chunk
+
+
+def block_recall_diagnostic(model, seqs: Tensor, cfg: EvalConfig, chunk_size: int) -> Diagnostic:
+    heads = head_recalls(model, seqs, chunk_size=chunk_size, block_size=cfg.recall_block_size, top_k=cfg.recall_top_k,
+                         scorers=list(cfg.recall_scorers), shared=cfg.recall_shared, batch_size=cfg.batch_size)
+    order = sorted(heads, key=lambda r: -r.past_mass)
+
+    def plot(ax):
+        x = range(len(order))
+        mass_ax = ax.twinx()
+        mass_ax.bar(x, [r.past_mass for r in order], color="lightgray", width=0.8)
+        mass_ax.set_ylabel("past_mass: attention on retrievable blocks", color="gray")
+        mass_ax.set_ylim(0, 1.02)  # the same scale as the recall axis
+        ax.set_zorder(mass_ax.get_zorder() + 1)  # the recall lines over the mass bars
+        ax.patch.set_visible(False)
+        for s in cfg.recall_scorers:
+            ax.plot(x, [r.recall[s] for r in order], "o-", markersize=3, label=s)
+        ax.set_xticks(list(x), [f"L{r.layer}h{r.head}" for r in order], rotation=90, fontsize="x-small")
+        ax.set_xlabel("(layer, head), by past_mass, decreasing")
+        ax.set_ylabel(f"recall@{cfg.recall_top_k} of the oracle's blocks")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize="small")
+
+    return Diagnostic("block_recall", ["layer", "head", "scorer", "recall", "captured_mass", "past_mass"],
+                      recall_rows(heads), plot, scalars=recall_summary(heads),
+                      meta={"seq_len": seqs.shape[1], "n_sequences": seqs.shape[0], "chunk_size": chunk_size,
+                            "block_size": cfg.recall_block_size, "top_k": cfg.recall_top_k,
+                            "shared": cfg.recall_shared, "scorers": list(cfg.recall_scorers),
+                            "definition": "recall: |scorer's top-k & oracle's top-k| / k per chunk (k = min(top_k, "
+                                          "past blocks)), oracle = full causal attention mass per block; masses are "
+                                          "per query; means over sequences and chunks with past blocks"})
+
+
 def _write_per_position(d: Diagnostic, out_dir: Path) -> None:
     """The unbucketed per-position losses, to disk only (too long for a W&B table at 16x T)."""
     columns, values = ["position", "mean_loss"], [d.meta.pop("per_position")]
@@ -156,8 +196,11 @@ def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_
 
     datamodule_or_sequences: a HybridDataModule (sequences from its validation split, training length, tokenizer
     and copy vocabulary from its config) or a LongTensor (n, L) of token sequences (then give train_len).
+    The model evaluated is `with_eval_attention(model, cfg.attention)`: `model` for eval.attention=same, else one
+    of the same weights with the attention kind swapped; each diagnostic's JSON records it under meta "attention".
     Returns {diagnostic: {scalar: value}}."""
     cfg.validate()
+    model = with_eval_attention(model, cfg.attention)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dm = None if isinstance(datamodule_or_sequences, Tensor) else datamodule_or_sequences
@@ -167,13 +210,19 @@ def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_
     chunk = cfg.chunk_len or T
     batch = cfg.batch_size
     needs_seqs = SEQUENCE_DIAGNOSTICS & set(cfg.diagnostics)
-    seqs, source = None, None
-    if needs_seqs:
-        max_len = cfg.max_len or 16 * T
-        if dm is None:
-            seqs, source = datamodule_or_sequences[:cfg.n_sequences, :max_len], "given sequences"
-        else:
-            seqs, source = eval_sequences(dm, cfg.n_sequences, max_len)
+
+    def sequences(length: int, key: str = "eval.max_len", exact: bool = False) -> tuple[Tensor, str]:
+        """n_sequences of `length` tokens (given ones may be shorter unless exact); `key` asked for the length."""
+        if dm is not None:
+            return eval_sequences(dm, cfg.n_sequences, length, key)
+        given = datamodule_or_sequences
+        if exact and given.shape[1] < length:
+            raise ValueError(f"{key}: block_recall needs sequences of {length} tokens, the given ones have "
+                             f"{given.shape[1]}")
+        return given[:cfg.n_sequences, :length], "given sequences"
+
+    recall_len, recall_chunk = recall_lengths(cfg, T) if "block_recall" in cfg.diagnostics else (0, 0)
+    seqs, source = sequences(cfg.max_len or 16 * T) if needs_seqs - {"block_recall"} else (None, None)
     tokenizer = tokenizer or getattr(dm, "tokenizer", None) or ByteTokenizer()
     copy_vocab = cfg.copy_vocab_size or (dm.cfg.synthetic.vocab_size if dm is not None else model.cfg.vocab_size)
 
@@ -194,10 +243,15 @@ def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_
                 d = state_norms_diagnostic(model, seqs, T, cfg.state_norm_every or chunk, batch)
             elif name == "passkey":
                 d = passkey_diagnostic(model, tokenizer, cfg, chunk)
+            elif name == "block_recall":
+                recall_seqs, recall_source = sequences(recall_len, "eval.recall_seq_len", exact=True)
+                d = block_recall_diagnostic(model, recall_seqs, cfg, recall_chunk)
+                d.meta["sequences"] = recall_source
             else:
                 d = copy_diagnostic(model, cfg, copy_vocab, chunk, batch)
-            if name in needs_seqs:
+            if name in needs_seqs - {"block_recall"}:
                 d.meta["sequences"] = source
+            d.meta["attention"] = attention_label(model)
             emit(d, out_dir, loggers, step)
             results[name] = dict(d.scalars)
             log.info("length eval %s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in d.scalars.items()))

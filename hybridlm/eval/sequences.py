@@ -17,8 +17,9 @@ from hybridlm.data.windows import fixed_windows, gather, num_slots, segments
 log = logging.getLogger(__name__)
 
 
-def eval_sequences(datamodule, n: int, length: int) -> tuple[Tensor, str]:
-    """-> (LongTensor (m, length) with m <= n, a description of where the windows come from)."""
+def eval_sequences(datamodule, n: int, length: int, key: str = "eval.max_len") -> tuple[Tensor, str]:
+    """-> (LongTensor (m, length) with m <= n, a description of where the windows come from). `key` is the setting
+    that asked for `length`, named when the validation split is too short."""
     datamodule.setup("validate")
     corpus = getattr(datamodule, "corpus", None)
     if corpus is None:
@@ -32,5 +33,5 @@ def eval_sequences(datamodule, n: int, length: int) -> tuple[Tensor, str]:
             if len(offsets) < n:
                 log.warning("eval: only %d windows of %d tokens in %s (asked for %d)", len(offsets), length, what, n)
             return torch.from_numpy(gather(val.tokens, offsets, length)), f"{len(offsets)} windows of {what}"
-    raise ValueError(f"eval.max_len: the validation split has {int(val.doc_starts[-1])} tokens, fewer than one "
-                     f"sequence of {length}; lower eval.max_len or use more validation data")
+    raise ValueError(f"{key}: the validation split has {int(val.doc_starts[-1])} tokens, fewer than one "
+                     f"sequence of {length}; lower {key} or use more validation data")

@@ -1,8 +1,11 @@
 """Adapter recipes (docs/design.md §5): exactly the promised parameters train; merge, save and load keep the logits."""
+import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 
 from hybridlm.adapters import (
@@ -11,10 +14,12 @@ from hybridlm.adapters import (
     format_parameter_table,
     load_adapter,
     merge_adapter,
+    merged_state_dict,
     recipe_attention_kind,
     save_adapter,
     trainable_parameter_table,
 )
+from hybridlm.config import register_configs, to_config
 from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
 
 PATTERN = "MAMA"
@@ -32,7 +37,9 @@ def fresh(seed=0, **kw):
 
 
 def expected_trainable(recipe, pattern=PATTERN):
-    """The docs/design.md §5 rule, written out name by name."""
+    """The docs/design.md §5 rule, written out name by name. HyLoRA (Nunez et al. 2025): LoRA on the attention
+    projections, embedding and norms trained, the Mamba-2 conv1d trained whole; nothing else of Mamba-2 (no LoRA
+    on in_proj / out_proj; A_log, dt_bias, D frozen)."""
     A = [i for i, c in enumerate(pattern) if c == "A"]
     M = [i for i, c in enumerate(pattern) if c == "M"]
     lora = lambda layers: [f"backbone.layers.{i}.mixer.{p}.lora_{ab}.default.weight"
@@ -45,7 +52,7 @@ def expected_trainable(recipe, pattern=PATTERN):
         "lora": lora(A),
         "lora_plus": plus,
         "longlora": plus,
-        "hylora": plus + lora(M) + [f"backbone.layers.{i}.mixer.conv1d.{w}" for i in M for w in ("weight", "bias")],
+        "hylora": plus + [f"backbone.layers.{i}.mixer.conv1d.{w}" for i in M for w in ("weight", "bias")],
         "full": [n for n, _ in fresh().named_parameters()],
         "none": [n for n, _ in fresh().named_parameters()],
     }[recipe]
@@ -102,8 +109,9 @@ def test_parameter_table_counts():
     assert rows["mamba ssm params (A_log, D, dt_bias)"] == (0, n_mamba * 3 * nheads)
     assert rows["attention"][0] == 0 and rows["mlp"][0] == 0
     qkv = 3 * d
-    lora_a = n_att * 2 * r * d + n_mamba * (r * d + r * d_inner)
-    lora_b = n_att * (qkv * r + d * r) + n_mamba * (in_proj * r + d * r)
+    assert rows["mamba out_proj"] == (0, n_mamba * d_inner * d)
+    lora_a = n_att * 2 * r * d  # attention in_proj (d -> 3d) and out_proj (d -> d) only
+    lora_b = n_att * (qkv * r + d * r)
     assert rows["lora_A"] == (lora_a, lora_a) and rows["lora_B"] == (lora_b, lora_b)
     assert sum(n for t, n in rows.values()) == sum(p.numel() for p in model.parameters())
     text = format_parameter_table(trainable_parameter_table(model))
@@ -169,3 +177,29 @@ def test_misuse_is_rejected():
     model = apply_adapter(fresh(), AdapterConfig(name="lora"))
     with pytest.raises(ValueError, match="already has adapter"):
         apply_adapter(model, AdapterConfig(name="lora"))
+
+
+@pytest.mark.parametrize("recipe", ["lora", "hylora", "full", "none"])
+def test_merged_state_dict_is_merge_adapter_without_touching_the_model(recipe):
+    model = apply_adapter(fresh(), AdapterConfig(name=recipe, r=4, alpha=8.0))
+    sgd_steps(model)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    got = merged_state_dict(model)
+    want = merge_adapter(copy.deepcopy(model)).state_dict()
+    assert list(got) == list(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=0)
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_sespan_recipes_use_the_papers_lora_settings():
+    """Nunez et al. 2025, Sec. 4.2: r 32, alpha 64, for every recipe the adaptation step is run with."""
+    register_configs()
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    for recipe in ("hylora", "lora", "lora_plus", "longlora"):
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = to_config(compose("train", ["+experiment=sespan/adapt", "init_from=x", f"adapter={recipe}"]))
+        assert (cfg.adapter.name, cfg.adapter.r, cfg.adapter.alpha) == (recipe, 32, 64.0)
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        assert compose("train", ["+experiment=sespan/adapt", "init_from=x"]).adapter.name == "hylora"

@@ -1,9 +1,31 @@
 from types import SimpleNamespace
 
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 
 from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
+
+
+class RecordingWandb(WandbLogger):
+    """A WandbLogger that records what it is asked to log instead of starting a W&B run (an offline run takes
+    ~30 s to start here; test_report.py's test_real_wandb_offline does that once, marked slow)."""
+
+    def __init__(self):
+        super().__init__(project="test", offline=True)
+        self.tables, self.images, self.metrics = {}, {}, {}
+
+    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
+        self.tables[key] = (columns, data, step)
+
+    def log_image(self, key, images, step=None, **kwargs):
+        self.images[key] = (images, step)
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def save(self):
+        pass
 
 
 def tiny_model(pattern="MAM", vocab=23, seed=0, double=True):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from eval_helpers import tiny_model
+from eval_helpers import RecordingWandb, tiny_model
 from lightning import Trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch.utils.data import DataLoader
@@ -22,31 +22,12 @@ ALL = ["loss_by_position", "effrem", "state_norms", "passkey", "copy"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class RecordingWandb(WandbLogger):
-    """A WandbLogger that records what it is asked to log instead of starting a W&B run (an offline run takes
-    ~30 s to start here; test_real_wandb_offline below does that once, marked slow)."""
-
-    def __init__(self):
-        super().__init__(project="test", offline=True)
-        self.tables, self.images, self.metrics = {}, {}, {}
-
-    def log_table(self, key, columns=None, data=None, dataframe=None, step=None):
-        self.tables[key] = (columns, data, step)
-
-    def log_image(self, key, images, step=None, **kwargs):
-        self.images[key] = (images, step)
-
-    def log_metrics(self, metrics, step=None):
-        self.metrics.update(metrics)
-
-    def save(self):
-        pass
-
-
 def small_cfg(**kw) -> EvalConfig:
+    # attention=same: these tests compare the report with direct computations on the (swa) model itself;
+    # tests/eval/test_eval_attention.py covers the other settings.
     base = dict(diagnostics=ALL, max_len=64, n_sequences=3, chunk_len=16, batch_size=2, effrem_points=4,
                 passkey_lengths=[80, 100], passkey_depths=[0.0, 1.0], passkey_samples=1, copy_lengths=[4, 8],
-                copy_samples=2, copy_vocab_size=50)
+                copy_samples=2, copy_vocab_size=50, attention="same")
     base.update(kw)
     return EvalConfig(**base)
 

@@ -2,9 +2,10 @@
 names, and export a HybridLM to the formats other libraries read.
 
 One file per format, each with its config and weight conversions both ways (hybridlm_ckpt.py: our Lightning
-.ckpt, import only; mamba_ssm.py; hf_mamba2.py), listed in formats.FORMATS. Beside them: formats.py (detection,
-hub download, read / export by format), overrides.py (which model overrides may apply on top of a checkpoint),
-state_dict.py (loading with every key and shape checked), tokenizer.py (the tokenizer stored with a checkpoint).
+.ckpt, import only; mamba_ssm.py; hf_mamba2.py; hf_nemotron_h.py; hf_bamba.py), listed in formats.FORMATS.
+Beside them: formats.py (detection, hub download, read / export by format), overrides.py (which model overrides
+may apply on top of a checkpoint), state_dict.py (loading with every key and shape checked), tokenizer.py (the
+tokenizer stored with a checkpoint).
 Every conversion either reproduces the source model's computation or refuses with a CheckpointError saying why.
 """
 from hybridlm.checkpointing.io import CheckpointError

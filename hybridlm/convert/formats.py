@@ -1,7 +1,7 @@
 """The supported checkpoint formats, and reading or writing a checkpoint of any of them (docs/design.md §7).
 
-Adding a format: write a file beside hybridlm_ckpt.py / mamba_ssm.py / hf_mamba2.py that ends with its
-`FORMAT = Format(...)`, and list it in FORMATS.
+Adding a format: write a file beside hybridlm_ckpt.py / mamba_ssm.py / hf_mamba2.py / hf_nemotron_h.py /
+hf_bamba.py that ends with its `FORMAT = Format(...)`, and list it in FORMATS.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.checkpointing.io import CheckpointError
-from hybridlm.convert import hf_mamba2, hybridlm_ckpt, mamba_ssm
+from hybridlm.convert import hf_bamba, hf_mamba2, hf_nemotron_h, hybridlm_ckpt, mamba_ssm
 from hybridlm.convert.base import Checkpoint, Format, StateDict
 from hybridlm.convert.files import read_json
 from hybridlm.models.config import ModelConfig
@@ -20,7 +20,8 @@ from hybridlm.models.hybrid_lm import HybridLM
 
 log = logging.getLogger(__name__)
 
-FORMATS: tuple[Format, ...] = (hybridlm_ckpt.FORMAT, mamba_ssm.FORMAT, hf_mamba2.FORMAT)
+FORMATS: tuple[Format, ...] = (hybridlm_ckpt.FORMAT, mamba_ssm.FORMAT, hf_mamba2.FORMAT, hf_nemotron_h.FORMAT,
+                               hf_bamba.FORMAT)
 EXPORT_FORMATS = tuple(f.name for f in FORMATS if f.save is not None)
 _BY_NAME = {f.name: f for f in FORMATS}
 
@@ -46,7 +47,8 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
 
 def detect_format(path: str | Path) -> str:
     """'hybridlm' for a Lightning .ckpt file; for a directory, the format its config.json describes: a
-    transformers `model_type` (hf_mamba2: "mamba2"), or mamba_ssm's MambaConfig fields."""
+    transformers `model_type` (hf_mamba2: "mamba2", hf_nemotron_h: "nemotron_h", hf_bamba: "bamba"), or
+    mamba_ssm's MambaConfig fields."""
     path = Path(path)
     if path.is_file() and path.suffix in (".json", ".safetensors", ".bin"):
         raise CheckpointError(f"{path}: pass the checkpoint directory, not one of its files")

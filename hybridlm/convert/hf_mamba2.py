@@ -62,8 +62,11 @@ def export_config(cfg: ModelConfig) -> dict:
     why = []
     if "A" in cfg.layer_pattern:
         why.append(f"layer_pattern {cfg.layer_pattern!r} has attention layers")
-    if cfg.d_intermediate > 0:
-        why.append(f"d_intermediate = {cfg.d_intermediate} (Mamba2ForCausalLM has no MLP blocks)")
+    if cfg.d_intermediate > 0 or "F" in cfg.layer_pattern:
+        why.append(f"d_intermediate = {cfg.d_intermediate}, layer_pattern {cfg.layer_pattern!r} "
+                   "(Mamba2ForCausalLM has no MLP blocks)")
+    if cfg.ssm.d_inner not in (None, cfg.ssm.expand * cfg.d_model):
+        why.append(f"ssm.d_inner = {cfg.ssm.d_inner} (Mamba2ForCausalLM's is expand * hidden_size)")
     if cfg.ssm.norm_before_gate:
         why.append("ssm.norm_before_gate = true (transformers always gates before the norm)")
     if cfg.norm_epsilon != _GATED_NORM_EPS:

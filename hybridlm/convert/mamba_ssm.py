@@ -123,11 +123,26 @@ def _apply_mha_cfg(cfg: ModelConfig, attn_cfg: dict, source: Path) -> None:
     at.rotary_emb_base = float(a["rotary_emb_base"])
 
 
+def _refuse_unexpressible(cfg: ModelConfig) -> None:
+    """MLP-only layers, other MLPs than the bias-free SiLU-gated one, and a Mamba-2 width other than expand *
+    d_model (NemotronH imports) have no MambaConfig equivalent."""
+    why = []
+    if "F" in cfg.layer_pattern:
+        why.append(f"layer_pattern {cfg.layer_pattern!r} has MLP-only F layers")
+    if cfg.d_intermediate > 0 and (cfg.mlp_activation != "swiglu" or cfg.mlp_bias):
+        why.append(f"mlp_activation = {cfg.mlp_activation!r}, mlp_bias = {cfg.mlp_bias} (GatedMLP is swiglu, no bias)")
+    if "M" in cfg.layer_pattern and cfg.ssm.d_inner not in (None, cfg.ssm.expand * cfg.d_model):
+        why.append(f"ssm.d_inner = {cfg.ssm.d_inner} (Mamba2's is expand * d_model = {cfg.ssm.expand * cfg.d_model})")
+    if why:
+        raise CheckpointError("cannot export to mamba_ssm: " + "; ".join(why))
+
+
 def export_config(cfg: ModelConfig, allow_full_attention: bool = False) -> dict:
     """ModelConfig -> the config.json of an equivalent MambaLMHeadModel (refuses what it cannot express)."""
     if cfg.norm_epsilon != _MAMBA_NORM_EPS:
         raise CheckpointError(f"model.norm_epsilon = {cfg.norm_epsilon} cannot be exported to mamba_ssm: "
                               f"MambaLMHeadModel always uses {_MAMBA_NORM_EPS}")
+    _refuse_unexpressible(cfg)
     s, a = cfg.ssm, cfg.attn
     ssm_cfg = {"layer": "Mamba2", **{k: getattr(s, k) for k in _MAMBA2_DEFAULTS if k != "dt_limit"}}
     if tuple(s.dt_limit) != (0.0, INF):  # Mamba2 compares with the default tuple; a list would never match

@@ -17,6 +17,7 @@ SHAPE_KEYS = {
     "d_model", "layer_pattern", "vocab_size", "d_intermediate", "pad_vocab_size_multiple", "tie_embeddings",
     "ssm.d_state", "ssm.d_conv", "ssm.expand", "ssm.headdim", "ssm.ngroups", "ssm.bias", "ssm.conv_bias",
     "attn.num_heads", "attn.num_heads_kv", "attn.head_dim", "attn.qkv_proj_bias", "attn.out_proj_bias", "attn.d_conv",
+    "d_ffn", "mlp_activation", "mlp_bias", "ssm.d_inner",
 }
 
 

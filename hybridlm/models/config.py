@@ -9,8 +9,10 @@ from hybridlm.kernels.se_attention.scorers import SCORERS as SE_SCORERS
 from hybridlm.kernels.span_attention.selection import SCORERS as SE_WINDOW_SCORERS
 from hybridlm.validation import need
 
-LAYER_KINDS = {"M": "Mamba-2 mixer", "A": "attention mixer"}
+LAYER_KINDS = {"M": "Mamba-2 mixer", "A": "attention mixer", "F": "MLP-only block of hidden size d_ffn"}
 ATTENTION_KINDS = ("full", "swa", "se_attn", "se_attn_window", "s2")
+# swiglu: mamba_ssm's GatedMLP, fc1 -> (y, gate), y * silu(gate); relu2: non-gated, relu(fc1 x)^2 (NemotronH)
+MLP_ACTIVATIONS = ("swiglu", "relu2")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class SSMConfig:
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
     norm_before_gate: bool = False
+    d_inner: Optional[int] = None  # None: expand * d_model; NemotronH sets nheads * headdim independently
 
 
 @dataclass
@@ -101,14 +104,17 @@ def _positive_int(x, key: str) -> None:
 @dataclass
 class ModelConfig:
     d_model: int = 128
-    layer_pattern: str = "MMAM"  # one letter per layer: M = Mamba-2, A = attention
+    layer_pattern: str = "MMAM"  # one letter per layer: M = Mamba-2, A = attention, F = MLP only (NemotronH)
     vocab_size: int = 257
-    d_intermediate: int = 0  # gated-MLP hidden size after every mixer; 0 = no MLP
+    d_intermediate: int = 0  # hidden size of the MLP after every mixer (M, A); 0 = no MLP
     pad_vocab_size_multiple: int = 16
     tie_embeddings: bool = True
     norm_epsilon: float = 1e-5
     residual_in_fp32: bool = True
     initializer_range: float = 0.02
+    d_ffn: int = 0  # hidden size of the MLP of each F layer (needed when layer_pattern has an F)
+    mlp_activation: str = "swiglu"  # every MLP (after mixers and F layers): one of MLP_ACTIVATIONS
+    mlp_bias: bool = False  # fc1 / fc2 bias of every MLP
     ssm: SSMConfig = field(default_factory=SSMConfig)
     attn: AttentionConfig = field(default_factory=AttentionConfig)
 
@@ -132,13 +138,20 @@ class ModelConfig:
         need(self.vocab_size > 0, "model.vocab_size", f"must be positive, got {self.vocab_size}")
         need(self.d_intermediate >= 0, "model.d_intermediate", f"must be >= 0, got {self.d_intermediate}")
         need(self.pad_vocab_size_multiple > 0, "model.pad_vocab_size_multiple", "must be positive")
+        need(self.d_ffn >= 0, "model.d_ffn", f"must be >= 0, got {self.d_ffn}")
+        if "F" in self.layer_pattern:
+            need(self.d_ffn > 0, "model.d_ffn", f"must be positive: layer_pattern {self.layer_pattern!r} has F layers")
+        need(self.mlp_activation in MLP_ACTIVATIONS, "model.mlp_activation",
+             f"unknown MLP activation {self.mlp_activation!r}; use one of {MLP_ACTIVATIONS}")
         s = self.ssm
         if "M" in self.layer_pattern:
             for k in ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
                 need(getattr(s, k) > 0, f"model.ssm.{k}", f"must be positive, got {getattr(s, k)}")
-            d_inner = s.expand * self.d_model
+            if s.d_inner is not None:
+                need(s.d_inner > 0, "model.ssm.d_inner", f"must be positive or null, got {s.d_inner}")
+            d_inner = s.expand * self.d_model if s.d_inner is None else s.d_inner
             need(d_inner % s.headdim == 0, "model.ssm.headdim",
-                 f"expand*d_model = {d_inner} is not divisible by headdim = {s.headdim}")
+                 f"d_inner = {d_inner} (ssm.d_inner, or expand*d_model) is not divisible by headdim = {s.headdim}")
             nheads = d_inner // s.headdim
             need(nheads % s.ngroups == 0, "model.ssm.ngroups",
                  f"nheads = {nheads} is not divisible by ngroups = {s.ngroups}")

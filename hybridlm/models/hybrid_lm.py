@@ -1,5 +1,5 @@
-"""HybridLM: embeddings -> pre-norm residual blocks (Mamba-2 or attention mixer, optional gated MLP)
--> final RMSNorm -> (tied) LM head. Parameter names follow mamba_ssm's MambaLMHeadModel
+"""HybridLM: embeddings -> pre-norm residual blocks (Mamba-2 or attention mixer, optional MLP; or an MLP-only
+F block) -> final RMSNorm -> (tied) LM head. Parameter names follow mamba_ssm's MambaLMHeadModel
 (`backbone.layers.{i}.mixer.*`), so official checkpoints map onto it directly."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from hybridlm.models.attention import Attention, S2Attention
 from hybridlm.models.config import ModelConfig
 from hybridlm.models.mamba2 import Mamba2
-from hybridlm.models.mlp import GatedMLP
+from hybridlm.models.mlp import MLPS
 from hybridlm.models.norm import RMSNorm
 from hybridlm.models.se_attention import SpanExpandedAttention
 from hybridlm.models.se_attention_window import WindowedSpanAttention
@@ -32,16 +32,23 @@ class Block(nn.Module):
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
         if kind == "M":
             self.mixer = Mamba2(cfg.d_model, cfg.ssm, layer_idx)
+        elif kind == "F":  # MLP only (NemotronH's "-" layer): self.norm feeds self.mlp; no mixer, no state
+            self.mixer = None
         else:
             self.mixer = ATTENTION_MIXERS[cfg.attn.kind](cfg.d_model, cfg.attn, layer_idx)
-        if cfg.d_intermediate > 0:
+        mlp = MLPS[cfg.mlp_activation]
+        if kind == "F":
+            self.mlp = mlp(cfg.d_model, cfg.d_ffn, bias=cfg.mlp_bias)
+        elif cfg.d_intermediate > 0:
             self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_epsilon)
-            self.mlp = GatedMLP(cfg.d_model, cfg.d_intermediate)
+            self.mlp = mlp(cfg.d_model, cfg.d_intermediate, bias=cfg.mlp_bias)
         else:
             self.mlp = None
         self.residual_in_fp32 = cfg.residual_in_fp32
 
     def forward(self, x: Tensor, state: Optional[dict]) -> tuple[Tensor, dict]:
+        if self.mixer is None:  # an F layer holds no state: its entry is always {} (docs/design.md §2)
+            return x + self.mlp(self.norm(x).to(self.norm.weight.dtype)), {}
         # The residual stream may be fp32 while the weights are bf16: mixers see the weights' dtype.
         h, new_state = self.mixer(self.norm(x).to(self.norm.weight.dtype), state)
         x = x + h
@@ -75,16 +82,18 @@ class HybridLM(nn.Module):
         nn.init.normal_(self.backbone.embedding.weight, std=std)
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
-        n_residuals = 2 if self.cfg.d_intermediate > 0 else 1
+        # Residual adds in the whole model: one per mixer, one per MLP.
+        n_adds = sum((layer.mixer is not None) + (layer.mlp is not None) for layer in self.backbone.layers)
         for layer in self.backbone.layers:
             for m in layer.modules():
                 if isinstance(m, nn.Linear) and m.bias is not None:
                     nn.init.zeros_(m.bias)
             # GPT-2 style: output projections into the residual stream scaled by 1/sqrt(#residual adds).
-            outs = [layer.mixer.out_proj] + ([layer.mlp.fc2] if layer.mlp is not None else [])
+            outs = ([layer.mixer.out_proj] if layer.mixer is not None else []) + (
+                [layer.mlp.fc2] if layer.mlp is not None else [])
             for lin in outs:
                 nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
-                lin.weight /= math.sqrt(n_residuals * self.cfg.n_layer)
+                lin.weight /= math.sqrt(n_adds)
 
     def forward(self, input_ids: Tensor, state: Optional[State] = None) -> tuple[Tensor, State]:
         """input_ids: (b, l) -> logits (b, l, vocab_size), final state (one entry per layer)."""
@@ -105,9 +114,10 @@ class HybridLM(nn.Module):
 
     def zero_state(self, batch: int, device=None, dtype=None) -> State:
         """The explicit initial state of `batch` sequences, one entry per layer: each mixer's `zero_state` (zeros
-        for Mamba-2, an empty cache for attention). Running from it equals running from None. device and dtype
-        default to the parameters' (dtype: the activations'; see each mixer for the dtypes of its entries)."""
-        return [layer.mixer.zero_state(batch, device, dtype) for layer in self.backbone.layers]
+        for Mamba-2, an empty cache for attention, {} for an F layer). Running from it equals running from None.
+        device and dtype default to the parameters' (dtype: the activations'; see each mixer for its entries)."""
+        return [{} if layer.mixer is None else layer.mixer.zero_state(batch, device, dtype)
+                for layer in self.backbone.layers]
 
     def mamba_layers(self) -> list[tuple[int, Mamba2]]:
         """(layer index, mixer) of every Mamba-2 layer, in layer order."""

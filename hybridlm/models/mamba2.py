@@ -28,7 +28,7 @@ class Mamba2(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.d_model = d_model
-        self.d_inner = cfg.expand * d_model
+        self.d_inner = cfg.expand * d_model if cfg.d_inner is None else cfg.d_inner
         self.headdim, self.d_state, self.ngroups = cfg.headdim, cfg.d_state, cfg.ngroups
         self.nheads = self.d_inner // cfg.headdim
         self.conv_dim = self.d_inner + 2 * cfg.ngroups * cfg.d_state

@@ -341,8 +341,9 @@ def test_se_attn_and_hylora_apply_to_an_imported_nemotron_h(tmp_path):
         ref = hf(ids).logits
 
     def se_attn(window):
-        user = ModelConfig(attn=AttentionConfig(kind="se_attn", window=window, block_size=4, top_k=2, query_chunk=8))
-        keys = {"attn.kind", "attn.window", "attn.block_size", "attn.top_k", "attn.query_chunk"}
+        user = ModelConfig(attn=AttentionConfig(kind="se_attn_window", window=window, block_size=4, top_k=2,
+                                                query_chunk=8, scorer="mean_dot"))
+        keys = {"attn.kind", "attn.window", "attn.block_size", "attn.top_k", "attn.query_chunk", "attn.scorer"}
         model = HybridLM(merge_model_config(ckpt_cfg, user, keys)).eval()
         load_state_dict_checked(model, sd)
         with torch.no_grad():
@@ -355,11 +356,12 @@ def test_se_attn_and_hylora_apply_to_an_imported_nemotron_h(tmp_path):
     load_state_dict_checked(model, sd)
     apply_adapter(model, AdapterConfig(name="hylora", r=4))
     targets = lora_targets(model, AdapterConfig(name="hylora"))
-    assert sorted({int(t.split(".")[2]) for t in targets}) == [0, 1, 3, 5]  # Mamba-2 and attention, not F
+    assert sorted({int(t.split(".")[2]) for t in targets}) == [1, 5]  # the attention layers only (the paper's HyLoRA)
     with torch.no_grad():
         assert rel_err(model.eval()(ids)[0], ref) < 1e-4  # LoRA B starts at zero
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(".mlp." in n for n in trainable)  # the F layers' MLPs stay frozen
+    assert {"backbone.layers.0.mixer.conv1d.weight", "backbone.layers.3.mixer.conv1d.weight"} <= trainable
     model.train()
     model(ids)[0].logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()

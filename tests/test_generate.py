@@ -98,7 +98,10 @@ def test_temperature_zero_is_greedy_and_bad_settings_name_their_key():
 ATTENTION = {
     "swa": AttentionConfig(kind="swa", num_heads=4, num_heads_kv=2, window=6, rotary_emb_dim=4, d_conv=3),
     "full": AttentionConfig(kind="full", num_heads=4, rotary_emb_dim=8),
-    "se_attn": AttentionConfig(kind="se_attn", num_heads=4, window=6, block_size=3, top_k=2, query_chunk=4),
+    "se_attn_window": AttentionConfig(kind="se_attn_window", num_heads=4, window=6, block_size=3, top_k=2,
+                                      query_chunk=4, scorer="mean_dot"),
+    # the paper's SE-Attn: its state keeps every q/k/v and each step reruns the op over the whole prefix
+    "se_attn": AttentionConfig(kind="se_attn", num_heads=4, block_size=3, top_k=2, chunk_sizes=[6, 12]),
 }
 
 

@@ -5,13 +5,18 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install train test test-all lint bench gpu-check repro-lengthgen repro-sespan clean
+.PHONY: install wheel-check train test test-all lint bench gpu-check repro-lengthgen repro-sespan clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e ".[dev,sweep]"
+
+# The wheel outside the repository: `pip wheel .`, installed with its dependencies (CPU torch first) into a fresh
+# virtual environment in a temporary folder; a 2-step training and an evaluation from an empty directory.
+wheel-check:
+	TORCH_VERSION=$(TORCH_VERSION) bash scripts/check_wheel.sh
 
 train:
 	$(PY) -m hybridlm.train $(ARGS)

@@ -13,7 +13,7 @@ from hybridlm.runner import evaluate, run_job
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+@hydra.main(version_base="1.3", config_path="pkg://hybridlm.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     return run_job(evaluate, cfg)
 

@@ -58,7 +58,9 @@ class HybridLMModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits, _ = self.model(batch["input_ids"])
         loss = lm_loss(logits, batch["labels"])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        # The epoch mean weighs batches by their size, which Lightning cannot tell from a dict that also holds the
+        # scalar batch_index (it warns, then takes the first tensor's length: this same number).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def on_fit_start(self) -> None:

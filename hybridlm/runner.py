@@ -10,8 +10,9 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import lightning as L
 import torch
@@ -26,6 +27,7 @@ from hybridlm.checkpointing.callbacks import AtomicCheckpointIO, RunStateCallbac
 from hybridlm.checkpointing.io import CheckpointError
 from hybridlm.checkpointing.resume import choose_resume_checkpoint, resume_point
 from hybridlm.config import Config, to_config
+from hybridlm.console import StepProgressBar, filter_library_messages
 from hybridlm.convert import (
     find_tokenizer,
     load_pretrained,
@@ -40,8 +42,13 @@ from hybridlm.lit import HybridLMModule
 from hybridlm.loggers import build_loggers, closing_wandb, truncate_csv_log, wandb_run_dir
 from hybridlm.models.hybrid_lm import HybridLM
 
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
 log = logging.getLogger("hybridlm")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The Hydra configs: conf/ of the repository, installed as the package hybridlm.conf (the entry points' config_path
+# is "pkg://hybridlm.conf"), so a wheel finds them too. Wheels install unpacked: this is a real directory.
+CONF_DIR = Path(str(resources.files("hybridlm.conf")))
 
 
 class ConfigError(ValueError):
@@ -62,7 +69,7 @@ def configure_backends(cfg: Config) -> None:
         ops.configure(cfg.backend)
     except ops.BackendUnavailableError as e:
         raise ConfigError(str(e)) from e
-    log.info("op backends:\n%s", ops.describe())
+    log.info("op backends:\n%s", ops.describe())  # once per run: the registry logs it at DEBUG only
 
 
 def resolve_precision(precision: str) -> str:
@@ -71,16 +78,31 @@ def resolve_precision(precision: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def explicit_model_keys(task_overrides: list[str], conf_dir: Path = CONF_DIR) -> set[str]:
+def config_dirs() -> list[Traversable]:
+    """Where this job's config files come from, in Hydra's order (the first that has a file wins): the package's
+    configs, then the folders added with hydra.searchpath. Outside a Hydra job: the package's configs."""
+    if not HydraConfig.initialized():
+        return [CONF_DIR]
+    sources = HydraConfig.get().runtime.config_sources
+    return [Path(s.path) if s.schema == "file" else resources.files(s.path) for s in sources
+            if s.schema in ("file", "pkg")]
+
+
+def explicit_model_keys(task_overrides: list[str], conf_dirs: Optional[list[Traversable]] = None) -> set[str]:
     """Model keys the user set on the command line ("model.ssm.d_state=32", or every key of a chosen file in a
     model group such as "model/attention=se_attn"): with init_from these must agree with the checkpoint."""
+    dirs = config_dirs() if conf_dirs is None else conf_dirs
     keys: set[str] = set()
     for ov in task_overrides:
         key, _, value = ov.lstrip("+~").partition("=")
         if key.startswith("model."):
             keys.add(key.removeprefix("model."))
         elif key == "model" or key.startswith("model/"):
-            node = OmegaConf.load(conf_dir / key / f"{value}.yaml")
+            found = [f for f in (d / key / f"{value}.yaml" for d in dirs) if f.is_file()]
+            if not found:
+                raise ConfigError(f"{ov}: no {key}/{value}.yaml in the config folders {[str(d) for d in dirs]}")
+            with found[0].open() as f:
+                node = OmegaConf.load(f)
             prefix = {"model": "", "model/attention": "attn."}.get(key, key.removeprefix("model/") + ".")
             flat = OmegaConf.to_container(node)
             flat.pop("defaults", None)
@@ -165,8 +187,20 @@ def end_with_launcher() -> None:
         os._exit(1)
 
 
+def progress_bar(enabled: bool) -> list[Callback]:
+    return [StepProgressBar()] if enabled else []  # Lightning refuses a bar callback when the bar is disabled
+
+
+def log_model_size(model: HybridLM) -> None:
+    # In place of Lightning's model summary, whose FLOPs column reads 0 for a model without an example input.
+    params = list(model.parameters())
+    log.info("model: %s parameters (%s non-embedding), %s trainable", f"{sum(p.numel() for p in params):,}",
+             f"{model.num_params(non_embedding=True):,}", f"{sum(p.numel() for p in params if p.requires_grad):,}")
+
+
 def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = None) -> dict:
     end_with_launcher()
+    filter_library_messages()
     typed = typed_config(cfg)
     configure_backends(typed)
     if explicit_keys is None:
@@ -189,6 +223,7 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
 
     datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
     model = build_model(typed, explicit_keys)
+    log_model_size(model)
     module = HybridLMModule(typed, model=model)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}",
                             run_id=resume.wandb_run_id if resume else None)
@@ -210,10 +245,11 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
             num_nodes=t.num_nodes,
             log_every_n_steps=t.log_every_n_steps,
             enable_progress_bar=t.enable_progress_bar,
+            enable_model_summary=False,
             fast_dev_run=t.fast_dev_run,
             deterministic=t.deterministic,
             logger=loggers or False,
-            callbacks=build_callbacks(typed, ckpt_dir),
+            callbacks=build_callbacks(typed, ckpt_dir) + progress_bar(t.enable_progress_bar),
             plugins=[AtomicCheckpointIO()],
             num_sanity_val_steps=0,
         )
@@ -240,6 +276,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     from hybridlm.data import HybridDataModule
     from hybridlm.eval import run_length_report, with_eval_attention
 
+    filter_library_messages()
     if task_overrides is None:
         task_overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     typed = typed_config(cfg)
@@ -268,7 +305,8 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
                             accelerator=typed.trainer.accelerator, devices=1,
                             precision=resolve_precision(typed.trainer.precision),
                             limit_val_batches=typed.trainer.limit_val_batches,
-                            enable_progress_bar=typed.trainer.enable_progress_bar)
+                            enable_progress_bar=typed.trainer.enable_progress_bar,
+                            callbacks=progress_bar(typed.trainer.enable_progress_bar))
         start = time.time()
         metrics = trainer.validate(module, datamodule=datamodule)[0] if typed.data.val_batches else {}
         report_dir = None

@@ -13,7 +13,7 @@ register_configs()
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="pkg://hybridlm.conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     return run_job(train, cfg)
 

@@ -1,6 +1,6 @@
 """Packaging: kernels/ installs as hybridlm.kernels, never as a top-level `kernels` (the name of Hugging Face's
-kernel hub on PyPI, which transformers probes for), and the explicit package list in pyproject.toml names every
-package folder, so a new one cannot silently go missing from the wheel."""
+kernel hub on PyPI, which transformers probes for), conf/ as hybridlm.conf, and the explicit package list in
+pyproject.toml names every package folder, so a new one cannot silently go missing from the wheel."""
 import os
 import subprocess
 import sys
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_package_folder_is_listed_under_the_hybridlm_namespace():
     setuptools_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    assert setuptools_cfg["package-dir"] == {"hybridlm.kernels": "kernels"}
+    assert setuptools_cfg["package-dir"] == {"hybridlm.kernels": "kernels", "hybridlm.conf": "conf"}
     on_disk = set()
-    for top, name in (("hybridlm", "hybridlm"), ("kernels", "hybridlm.kernels")):
+    for top, name in (("hybridlm", "hybridlm"), ("kernels", "hybridlm.kernels"), ("conf", "hybridlm.conf")):
         for init in (ROOT / top).rglob("__init__.py"):
             rel = init.parent.relative_to(ROOT / top).parts
             on_disk.add(".".join((name, *rel)))

@@ -139,7 +139,9 @@ def configure(cfg: Union[BackendConfig, str, None] = None) -> dict[str, tuple[st
     _CHAINS.update(chains)
     _NOTES.clear()
     _NOTES.update(notes)
-    log.info("op backends:\n%s", describe())
+    # DEBUG: a run's entry point shows the table once (hybridlm.runner.configure_backends); configure() also runs
+    # lazily, and repeatedly in tests and gpu_check.
+    log.debug("op backends:\n%s", describe())
     return {op: tuple(b.name for b in chain) for op, chain in chains.items()}
 
 

@@ -1,5 +1,6 @@
 """Op-level times at the tiny training config (batch 4 x 512): the SSD scan (hybridlm's torch op, transformers'
-torch reference, the token-by-token loop) and attention (full causal, sliding window, span-expanded)."""
+torch reference, the token-by-token loop) and attention (full causal, sliding window, span-expanded), with each
+op's FLOP count (benchmarks/flops.py) and the fraction of the fp32 matmul peak its forward + backward reaches."""
 from __future__ import annotations
 
 import logging
@@ -7,6 +8,7 @@ import logging
 import torch
 
 from benchmarks.common import median, report, timeit
+from benchmarks.flops import FWD_BWD, attention_flops, span_keys, ssd_flops, window_keys
 
 B, L, H, P, N = 4, 512, 8, 32, 64  # SSD: 8 heads of 32, d_state 64, one group
 AH, AD, W, M, C, TOP_K = 4, 32, 128, 32, 64, 4  # attention: 4 heads of 32; SE-Attn window/block/chunk/top-k
@@ -50,7 +52,7 @@ def ssd_rows(repeats: int) -> list[dict]:
     rows = []
     for chunk in (64, 256):
         for name, fn in (("hybridlm ssd_scan_torch", ours), ("transformers mamba2_chunk_scan", theirs)):
-            row = {"op": "ssd", "impl": name, "chunk": chunk}
+            row = {"op": "ssd", "impl": name, "chunk": chunk, "GFLOP": ssd_flops(B, L, H, P, N, 1, chunk) / 1e9}
             for bwd in (False, True):
                 row["fwd+bwd ms" if bwd else "fwd ms"] = 1000 * _time(fn, _ssd_inputs(bwd) + [chunk], bwd, repeats)
             rows.append(row)
@@ -75,22 +77,31 @@ def attention_rows(repeats: int) -> list[dict]:
         sel = select_blocks(q, block_summaries(k, M), L, W, M, C, TOP_K)
         return span_attention_torch(q, k, v, sel, W, M, C)
 
-    impls = {
-        "full causal (SDPA)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        f"sliding window W={W}": lambda q, k, v: window_attention_torch(q, k, v, W),
-        f"SE-Attn W={W} + {TOP_K}x{M} (incl. selection)": span,
+    q, k, _ = inputs(False)
+    selected = select_blocks(q, block_summaries(k, M), L, W, M, C, TOP_K)
+    impls = {  # name: (fn, forward FLOPs)
+        "full causal (SDPA)": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               attention_flops(B, AH, AD, window_keys(L, None))),
+        f"sliding window W={W}": (lambda q, k, v: window_attention_torch(q, k, v, W),
+                                  attention_flops(B, AH, AD, window_keys(L, W))),
+        f"SE-Attn W={W} + {TOP_K}x{M} (incl. selection)": (span, attention_flops(1, 1, AD,
+                                                                                   span_keys(selected, L, W, M, C))),
     }
     rows = []
-    for name, fn in impls.items():
-        row = {"op": "attention", "impl": name, "chunk": "-"}
+    for name, (fn, flops) in impls.items():
+        row = {"op": "attention", "impl": name, "chunk": "-", "GFLOP": flops / 1e9}
         for bwd in (False, True):
             row["fwd+bwd ms" if bwd else "fwd ms"] = 1000 * _time(fn, inputs(bwd), bwd, repeats)
         rows.append(row)
     return rows
 
 
-def run(repeats: int = 5) -> list[dict]:
+def run(repeats: int = 5, fp32_peak: float | None = None) -> list[dict]:
+    """fp32_peak (GFLOP/s, from flops.run in the same run) adds each forward + backward's fraction of it."""
     rows = ssd_rows(repeats) + attention_rows(repeats)
-    report("ops", f"Op-level times, batch {B} x {L} (median of {repeats})", rows,
-           ["op", "impl", "chunk", "fwd ms", "fwd+bwd ms"])
+    for row in rows:
+        if "GFLOP" in row and fp32_peak:
+            row["of fp32 peak"] = FWD_BWD * row["GFLOP"] / (row["fwd+bwd ms"] / 1000) / fp32_peak
+    report("ops", f"Op-level times, batch {B} x {L} (median of {repeats}; GFLOP: forward, useful work)", rows,
+           ["op", "impl", "chunk", "fwd ms", "fwd+bwd ms", "GFLOP", "of fp32 peak"])
     return rows

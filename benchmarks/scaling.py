@@ -1,56 +1,85 @@
-"""Forward time of one sequence-mixing op against sequence length (batch 1): the SSD scan, sliding-window and
-span-expanded attention should grow linearly, full causal attention quadratically. The exponent is the slope of
-log(time) on log(length), fitted over lengths >= 4K (shorter ones are dominated by fixed overheads)."""
+"""Time of each sequence-mixing op against sequence length (batch 1), forward and forward + backward: the SSD scan,
+sliding-window attention and SE-Attn's span attention should grow linearly, full causal attention quadratically.
+
+Per op and length: the median of 3 timings; the op's FLOP count (benchmarks/flops.py: the matmul FLOPs of the
+useful work); the achieved fraction of the fp32 matmul peak measured in this run (the best of the measurements at
+the start and at the end of the section); and the time over full attention's at the same length (the peer, same
+run). "Within 3x of the FLOP-count time" is a fraction of peak >= 0.33. The exponent is the slope of log(time) on
+log(length) over lengths >= 4K (shorter ones are dominated by fixed overheads). SE-Attn's block selection
+(select_blocks, no gradient) is timed on its own: it scores every earlier block, so it is quadratic by design.
+"""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from benchmarks.common import median, report, timeit
+from benchmarks.flops import FWD_BWD, attention_flops, matmul_gflops, span_keys, ssd_flops, window_keys
 
-H, P, N, CHUNK = 8, 32, 64, 64  # SSM: as the tiny model
-AH, AD, W, M, C, TOP_K = 4, 32, 256, 64, 64, 4  # attention: 4 heads of 32
+H, P, N, CHUNK = 8, 32, 64, 64  # SSM: as the tiny model (8 heads of 32, d_state 64, one group)
+AH, AD, W, M, C, TOP_K = 4, 32, 256, 64, 64, 4  # attention: 4 heads of 32; SE-Attn window/block/chunk/top-k
+
+# An op at length L: make(L, requires_grad) -> (run: () -> output tensor, forward FLOPs or None)
+Maker = Callable[[int, bool], tuple[Callable[[], torch.Tensor], float | None]]
 
 
-def _ssd(L: int):
+def _ssd(L: int, grad: bool):
     from hybridlm.kernels.ssd.torch_ref import ssd_scan_torch
 
-    x, Bm, Cm = torch.randn(1, L, H, P), torch.randn(1, L, 1, N), torch.randn(1, L, 1, N)
-    dt, A = torch.rand(1, L, H) * 0.1, -torch.linspace(1, 16, H)
-    return lambda: ssd_scan_torch(x, dt, A, Bm, Cm, CHUNK)
+    g = torch.Generator().manual_seed(0)
+    x, Bm, Cm = torch.randn(1, L, H, P, generator=g), torch.randn(1, L, 1, N, generator=g), torch.randn(1, L, 1, N,
+                                                                                                        generator=g)
+    dt, A = torch.rand(1, L, H, generator=g) * 0.1, -torch.linspace(1, 16, H)
+    x, dt, Bm, Cm = (t.requires_grad_(grad) for t in (x, dt, Bm, Cm))
+    return lambda: ssd_scan_torch(x, dt, A, Bm, Cm, CHUNK)[0], ssd_flops(1, L, H, P, N, 1, CHUNK)
 
 
-def _qkv(L: int):
-    return [torch.randn(1, AH, L, AD) for _ in range(3)]
+def _qkv(L: int, grad: bool):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(1, AH, L, AD, generator=g).requires_grad_(grad) for _ in range(3)]
 
 
-def _swa(L: int):
+def _swa(L: int, grad: bool):
     from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
 
-    q, k, v = _qkv(L)
-    return lambda: window_attention_torch(q, k, v, W)
+    q, k, v = _qkv(L, grad)
+    return lambda: window_attention_torch(q, k, v, W), attention_flops(1, AH, AD, window_keys(L, W))
 
 
-def _span(L: int):
+def _selection(L: int):
     from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
+
+    q, k, v = _qkv(L, False)
+    return q, k, v, lambda: select_blocks(q, block_summaries(k, M), L, W, M, C, TOP_K)
+
+
+def _span(L: int, grad: bool):
     from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
 
-    q, k, v = _qkv(L)
-
-    def fn():
-        sel = select_blocks(q, block_summaries(k, M), L, W, M, C, TOP_K)
-        return span_attention_torch(q, k, v, sel, W, M, C)
-    return fn
-
-
-def _full(L: int):
-    q, k, v = _qkv(L)
-    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v, select = _selection(L)
+    selected = select()
+    q, k, v = (t.requires_grad_(grad) for t in (q, k, v))
+    return (lambda: span_attention_torch(q, k, v, selected, W, M, C),
+            attention_flops(1, 1, AD, span_keys(selected, L, W, M, C)))
 
 
-OPS = {"SSM (ssd_scan)": _ssd, f"SWA W={W}": _swa, f"SE-Attn W={W}+{TOP_K}x{M}": _span, "full attention": _full}
+def _select_only(L: int, grad: bool):
+    return _selection(L)[3], None
+
+
+def _full(L: int, grad: bool):
+    q, k, v = _qkv(L, grad)
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), attention_flops(1, AH, AD,
+                                                                                             window_keys(L, None))
+
+
+FULL = "full attention (SDPA)"
+OPS: dict[str, Maker] = {"SSM (ssd_scan)": _ssd, f"SWA W={W}": _swa, f"SE-Attn W={W}+{TOP_K}x{M}": _span,
+                         FULL: _full}
+SELECTION = f"SE-Attn selection (select_blocks, C={C})"
 
 
 def fit_exponent(lengths: list[int], times: list[float], min_len: int = 4096) -> float:
@@ -62,24 +91,52 @@ def fit_exponent(lengths: list[int], times: list[float], min_len: int = 4096) ->
     return sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
 
 
-def run(lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536), budget_s: float = 3.0) -> dict:
-    """Median of 3 forwards per point. A series stops growing once a forward takes longer than budget_s (full
-    attention at 64K would take minutes on 2 cores); its exponent is fitted on the lengths it reached."""
-    table: dict[str, dict[int, float]] = {name: {} for name in OPS}
+def _time(make: Maker, L: int, backward: bool) -> tuple[float, float | None]:
+    run, flops = make(L, backward)
+
+    def step():
+        out = run()
+        if backward:
+            out.sum().backward()
+    warmup = 1 if L <= 8192 else 0
+    if backward:
+        return median(timeit(step, 3, warmup)), flops
     with torch.no_grad():
-        for name, make in OPS.items():
-            for L in lengths:
-                t = median(timeit(make(L), 3, warmup=1 if L <= 8192 else 0))
-                table[name][L] = t
-                if t > budget_s:
-                    break
+        return median(timeit(step, 3, warmup)), flops
+
+
+def run(lengths: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 32768, 65536), budget_s: float = 4.0) -> dict:
+    """A series stops growing once a forward + backward takes longer than budget_s (full attention at 64K would
+    take minutes on 2 cores); its exponent is fitted on the lengths it reached."""
+    peaks = [matmul_gflops(torch.float32)]
+    times: dict[str, dict[int, tuple[float, float]]] = {}
+    flops: dict[str, dict[int, float | None]] = {}
+    for name, make in {**OPS, SELECTION: _select_only}.items():
+        times[name], flops[name] = {}, {}
+        for L in lengths:
+            fwd, f = _time(make, L, False)
+            fb = _time(make, L, True)[0] if name != SELECTION else float("nan")
+            times[name][L], flops[name][L] = (fwd, fb), f
+            if max(fwd, fb if fb == fb else 0.0) > budget_s:
+                break
+    peaks.append(matmul_gflops(torch.float32))
+    peak = max(peaks)
     rows = []
-    for L in lengths:
-        row = {"length": L}
-        for name in OPS:
-            row[f"{name} ms"] = 1000 * table[name][L] if L in table[name] else "-"
-        rows.append(row)
-    exponents = {name: round(fit_exponent(list(t), list(t.values())), 2) for name, t in table.items()}
-    report("scaling", "Forward time vs sequence length (batch 1, no grad)", rows,
-           ["length"] + [f"{name} ms" for name in OPS], fitted_exponent_time_vs_length=exponents)
-    return {"rows": rows, "exponents": exponents}
+    for name in times:
+        for L, (fwd, fb) in times[name].items():
+            row = {"op": name, "length": L, "fwd ms": 1000 * fwd, "fwd+bwd ms": 1000 * fb if fb == fb else "-"}
+            f = flops[name][L]
+            if f is not None:
+                row["fwd+bwd GFLOP"] = FWD_BWD * f / 1e9
+                row["GFLOP/s"] = FWD_BWD * f / fb / 1e9
+                row["of fp32 peak"] = row["GFLOP/s"] / peak
+            if L in times[FULL] and name != FULL and fb == fb:
+                row["/ full attention"] = fb / times[FULL][L][1]
+            rows.append(row)
+    exponents = {name: {"fwd": round(fit_exponent(list(t), [v[0] for v in t.values()]), 2),
+                        "fwd+bwd": round(fit_exponent(list(t), [v[1] for v in t.values()]), 2)}
+                 for name, t in times.items()}
+    report("scaling", "Time vs sequence length (batch 1; fwd: no grad; fwd+bwd: backward of out.sum())", rows,
+           ["op", "length", "fwd ms", "fwd+bwd ms", "fwd+bwd GFLOP", "GFLOP/s", "of fp32 peak", "/ full attention"],
+           fitted_exponent_4k_up=exponents, fp32_peak_gflops=[round(p, 1) for p in peaks])
+    return {"rows": rows, "exponents": exponents, "peak": peak}

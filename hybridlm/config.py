@@ -95,7 +95,7 @@ class Config:
     init_from: Optional[str] = None  # a hybridlm checkpoint or an official mamba_ssm / HF Mamba-2 directory
     ckpt_path: Optional[str] = None  # evaluation: the checkpoint to evaluate
     resume: Optional[str] = None  # "auto" (newest last.ckpt of this experiment) or a checkpoint path
-    compile: bool = False
+    compile: bool = False  # torch.compile (inductor) of the model's forward in training steps (lit.py)
     # Top-level keys the chosen experiment cannot run without (e.g. [init_from] for post-training). `???` cannot
     # say it: an experiment file's `???` does not replace the schema's default None when the configs merge.
     required: list[str] = field(default_factory=list)

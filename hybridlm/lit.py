@@ -31,15 +31,27 @@ class HybridLMModule(L.LightningModule):
         self.save_hyperparameters({"cfg": OmegaConf.to_container(OmegaConf.structured(typed), resolve=True)})
         self.cfg = typed
         self.model = model if model is not None else HybridLM(typed.model)
+        self._compiled_forward = None  # cfg.compile: see train_forward
         self.initial_state: Optional[State] = None
         self._last_batch_time: Optional[float] = None
 
     def forward(self, input_ids: torch.Tensor, state: Optional[State] = None):
         return self.model(input_ids, state)
 
+    def train_forward(self, input_ids: torch.Tensor, state: Optional[State]):
+        """The model's forward as training steps run it: through torch.compile (inductor) with cfg.compile.
+        Compiled is the bound method, not the module: an attribute holding a compiled module would join the
+        module tree and rename the checkpoint's parameters; it is built at the first step, in the process that
+        trains (a DDP spawn pickles the module before). Validation and evaluation stay eager (other shapes)."""
+        if not self.cfg.compile:
+            return self.model(input_ids, state)
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.model.forward)
+        return self._compiled_forward(input_ids, state)
+
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         state, self.initial_state = self.initial_state, None
-        logits, final_state = self.model(batch["input_ids"], state)
+        logits, final_state = self.train_forward(batch["input_ids"], state)
         loss = lm_loss(logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         return {"loss": loss, "final_state": detach_state(final_state)}

@@ -12,8 +12,11 @@ boundary (see models/se_attention_window.py), so these relative coordinates agre
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+
+from hybridlm.kernels.window_attention.torch_ref import KeyTiles, window_attention_torch
 
 # Upper bound on the score elements materialised per step; above it, chunks are processed in bounded groups.
 _MAX_SCORES = 1 << 22
@@ -54,76 +57,94 @@ def span_attention_torch(
     if selected.shape != (b, hkv, n_chunks, top_k):
         raise ValueError(f"selected must be (b, hkv, ceil(Lq/C), top_k) = {(b, hkv, n_chunks, top_k)}, "
                          f"got {tuple(selected.shape)}")
+    nb = lk // M
+    if top_k == 0 or nb == 0:  # nothing can be retrieved: exactly sliding-window attention
+        return window_attention_torch(q, k, v, W, softmax_scale)
     scale = softmax_scale if softmax_scale is not None else d ** -0.5
     offset = lk - lq
-    # Window tiles: chunk n needs keys [n*C + lo, n*C + lo + C + W - 1) with lo = offset - W + 1. Pad so every tile
-    # is in range (front: before key 0; back: the last chunk's missing queries); tiles are unfolded views of these.
+    dev, dt = q.device, q.dtype
+    # Keys that must not count (front/back padding, empty retrieval slots) carry a large negative bias in an
+    # extra key channel, matched by a constant 1 in an extra query channel: their logit is ~ -finfo.max/4 * scale,
+    # exp() gives exactly 0 and so do their gradients. The SDPA mask then depends on the row only (the window
+    # band), a small broadcast mask, instead of one bool per logit (which SDPA's CPU kernel turns into a float
+    # tensor of every logit: 3-4x the cost of the attention itself).
+    neg = -torch.finfo(dt).max / 4
+    kx = F.pad(k, (0, 1))  # (b, hkv, lk, d + 1), bias 0
+    vx = F.pad(v, (0, 1))  # v gets the extra channel too (zero): the fused kernel needs equal head dims
+    # Queries (b, hkv, g, n, C, d+1) -> (n, b*hkv, g*C, d+1): a chunk's query heads that share a kv head are rows
+    # of one SDPA problem against that kv head's keys.
+    qx = F.pad(F.pad(q, (0, 1), value=1.0), (0, 0, 0, n_chunks * C - lq))
+    qc = qx.reshape(b, hkv, g, n_chunks, C, d + 1).permute(3, 0, 1, 2, 4, 5).reshape(n_chunks, b * hkv, g * C, d + 1)
+    # Window tiles (n, b*hkv, m*C, d+1): chunk n needs keys [n*C + lo, n*C + lo + C + W - 1), lo = offset - W + 1,
+    # i.e. key blocks [n, n + m) of C keys from lo on (m*C >= C + W - 1; the extra columns are masked). Padded so
+    # every tile is in range (front: before key 0; back: the last chunk's missing queries); views, not copies.
     lo = offset - (W - 1)
-    back = n_chunks * C - lq
-    pad = (0, 0, max(-lo, 0), back)
-    kp = torch.nn.functional.pad(k[:, :, max(lo, 0):], pad)
-    vp = torch.nn.functional.pad(v[:, :, max(lo, 0):], pad)
-    qc = torch.nn.functional.pad(q, (0, 0, 0, back)).view(b, hkv, g, n_chunks, C, d)
-    geometry = (W, M, C, lo, offset, scale)
+    m = -(-(C + W - 1) // C)
+    front, back = max(-lo, 0), (n_chunks + m - 1) * C - (lk - lo)
+    kp = F.pad(kx[:, :, max(lo, 0):], (0, 0, front, back))
+    pad_bias = torch.zeros(kp.shape[2], 1, dtype=dt, device=dev)
+    pad_bias[:front], pad_bias[kp.shape[2] - back:] = neg, neg
+    kw = KeyTiles.apply(kp + F.pad(pad_bias, (d, 0)), C, m)
+    vw = KeyTiles.apply(F.pad(vx[:, :, max(lo, 0):], (0, 0, front, back)), C, m)
+    # Retrieved blocks (n, b*hkv, top_k*M, d+1), gathered once for all chunks; empty slots (-1) read an extra
+    # "null" block nb of zero keys with the negative bias.
+    null_k = F.pad(kx.new_zeros(b * hkv, 1, M, d), (0, 1), value=neg)
+    blocks_k = torch.cat([kx[:, :, : nb * M].reshape(b * hkv, nb, M, d + 1), null_k], dim=1)
+    blocks_v = torch.cat([vx[:, :, : nb * M].reshape(b * hkv, nb, M, dv + 1), vx.new_zeros(b * hkv, 1, M, dv + 1)],
+                         dim=1)
+    sel = torch.where(selected >= 0, selected, nb).permute(2, 0, 1, 3)  # (n, b, hkv, top_k)
+    flat = (sel + (torch.arange(b * hkv, device=dev) * (nb + 1)).view(1, b, hkv, 1)).reshape(-1)
+    kb = blocks_k.view(-1, M * (d + 1)).index_select(0, flat).view(n_chunks, b * hkv, top_k * M, d + 1)
+    vb = blocks_v.view(-1, M * (dv + 1)).index_select(0, flat).view(n_chunks, b * hkv, top_k * M, dv + 1)
+    # A used block must lie wholly before the window of its chunk's first query for the row-independent mask
+    # (select_blocks only returns such blocks); otherwise its keys are masked row by row (the general path).
+    first_key = torch.arange(n_chunks, device=dev) * C + offset - W  # last key visible to the chunk's first query
+    row_masked = bool(((selected >= 0) & ((selected + 1) * M - 1 > first_key[:, None])).any())
+    geometry = (W, M, C, m, offset, scale, g, row_masked)
 
-    # Chunks are processed in groups whose logits (b, h, C, keys) and gathered keys and values (b, hkv, keys, d + dv)
-    # each stay within ~_MAX_SCORES elements. With several groups and gradients on, each group is recomputed in
-    # backward instead of keeping its gathered keys: otherwise training memory grows with
-    # (number of chunks) x (top_k*M + C + W - 1) x (d + dv), which short query chunks make large.
-    keys_per_chunk = (top_k * M if top_k > 0 and lk // M > 0 else 0) + C + W - 1
-    step = max(1, _MAX_SCORES // max(1, b * keys_per_chunk * max(h * C, hkv * (d + dv))))
+    # Chunks are processed in groups whose concatenated keys and values (b*hkv*keys*(d + dv) per chunk) and, on the
+    # general path, mask (b*h*C*keys per chunk) stay within ~_MAX_SCORES elements. With several groups and
+    # gradients on, each group is recomputed in backward instead of keeping its keys: otherwise training memory
+    # grows with (number of chunks) x (top_k*M + C + W - 1) x (d + dv), which short query chunks make large. The
+    # groups' inputs come from one split per tensor, whose backward assembles the full gradient once (slicing per
+    # group would allocate a sequence-sized gradient per group: quadratic time at long lengths).
+    keys_per_chunk = top_k * M + m * C
+    step = max(1, _MAX_SCORES // max(1, b * keys_per_chunk * max(h * C if row_masked else 0, hkv * (d + dv))))
     recompute = step < n_chunks and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    pieces = zip(*(t.split(step, dim=0) for t in (qc, kb, vb, kw, vw, sel)))
     outs = []
-    for s in range(0, n_chunks, step):
-        e = min(n_chunks, s + step)
-        args = (qc[:, :, :, s:e], k, v, kp, vp, selected[:, :, s:e], s, geometry)
+    for i, (qg, kbg, vbg, kwg, vwg, selg) in enumerate(pieces):
+        args = (qg, kbg, vbg, kwg, vwg, selg, i * step, geometry)
         if recompute:
             outs.append(torch.utils.checkpoint.checkpoint(_span_chunk_group, *args, use_reentrant=False))
         else:
             outs.append(_span_chunk_group(*args))
-    o = torch.cat(outs, dim=3).reshape(b, h, n_chunks * C, dv)
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (n, b*hkv, g*C, dv+1)
+    o = o[..., :dv].reshape(n_chunks, b, hkv, g, C, dv).permute(1, 2, 3, 0, 4, 5).reshape(b, h, n_chunks * C, dv)
     return o[:, :, :lq].to(q.dtype)
 
 
-def _span_chunk_group(qc: Tensor, k: Tensor, v: Tensor, kp: Tensor, vp: Tensor, selected: Tensor, first: int,
+def _span_chunk_group(qc: Tensor, kb: Tensor, vb: Tensor, kw: Tensor, vw: Tensor, sel: Tensor, first: int,
                       geometry: tuple) -> Tensor:
-    """Output of chunks first .. first + n - 1 (see span_attention_torch): qc (b, hkv, g, n, C, d), selected
-    (b, hkv, n, top_k) -> (b, hkv, g, n, C, dv). kp/vp are the padded keys/values the window tiles are cut from."""
-    W, M, C, lo, offset, scale = geometry
-    b, hkv, _, n, _, d = qc.shape
-    dv = v.shape[3]
-    top_k = selected.shape[-1]
+    """Output of chunks first .. first + n - 1 (see span_attention_torch): qc (n, b*hkv, g*C, d+1), retrieved
+    keys/values kb, vb (n, b*hkv, top_k*M, d+1), window tiles kw, vw (n, b*hkv, m*C, d+1), sel (n, b, hkv, top_k)
+    block ids (nb = empty) -> (n, b*hkv, g*C, dv+1)."""
+    W, M, C, m, offset, scale, g, row_masked = geometry
+    n, b, hkv, top_k = sel.shape
     dev = qc.device
-    span = C + W - 1
-    # This group's window tiles, (b, hkv, n, span, d), unfolded from its own rows only (a slice of the unfolded
-    # whole would cost a full-size gradient of the unfolded whole in backward, per group).
-    rows = slice(first * C, (first + n - 1) * C + span)
-    kw = kp[:, :, rows].unfold(2, span, C).transpose(-1, -2)
-    vw = vp[:, :, rows].unfold(2, span, C).transpose(-1, -2)
-    # Window mask: query row r of a chunk sees tile column c iff r <= c <= r + W - 1, and the key exists.
+    # Window band: query row r of a chunk sees tile column c iff r <= c <= r + W - 1 (padding: by its bias).
     r = torch.arange(C, device=dev)[:, None]
-    c = torch.arange(span, device=dev)[None, :]
-    key_idx_w = ((torch.arange(n, device=dev) + first) * C + lo)[:, None, None] + c  # (n, 1, span)
-    mask_w = (c >= r) & (c <= r + W - 1) & (key_idx_w >= 0)  # (n, C, span)
-    mask_w = mask_w[None, None].expand(b, hkv, -1, -1, -1)
-
-    nb = k.shape[2] // M
-    if top_k > 0 and nb > 0:
-        sel = selected.clamp(min=0)
-        bi = torch.arange(b, device=dev)[:, None, None, None]
-        hi = torch.arange(hkv, device=dev)[None, :, None, None]
-        kb = k[:, :, : nb * M].reshape(b, hkv, nb, M, d)[bi, hi, sel].flatten(3, 4)  # (b, hkv, n, top_k*M, d)
-        vb = v[:, :, : nb * M].reshape(b, hkv, nb, M, dv)[bi, hi, sel].flatten(3, 4)
-        key_idx_b = (sel[..., None] * M + torch.arange(M, device=dev)).flatten(3, 4)  # (b, hkv, n, top_k*M)
-        slot_ok = (selected >= 0)[..., None].expand(-1, -1, -1, -1, M).flatten(3, 4)
+    c = torch.arange(m * C, device=dev)[None, :]
+    band = (c >= r) & (c <= r + W - 1)  # (C, m*C)
+    if row_masked:
+        # Retrieved key j is visible to the query at key index t iff j <= t - W (empty slots: by their bias).
+        key_idx_b = (sel[..., None] * M + torch.arange(M, device=dev)).flatten(3)  # (n, b, hkv, top_k*M)
         t = (torch.arange(n, device=dev) + first)[:, None] * C + torch.arange(C, device=dev) + offset  # (n, C)
-        mask_b = slot_ok[:, :, :, None, :] & (key_idx_b[:, :, :, None, :] <= t[None, None, :, :, None] - W)
-        keys, vals = torch.cat([kb, kw], dim=3), torch.cat([vb, vw], dim=3)
-        mask = torch.cat([mask_b, mask_w], dim=4)  # (b, hkv, n, C, top_k*M + span)
+        mask_b = key_idx_b[:, :, :, None, :] <= t[:, None, None, :, None] - W  # (n, b, hkv, C, top_k*M)
+        mask = torch.cat([mask_b, band.expand(n, b, hkv, C, m * C)], dim=4)
+        # One row per (query head of the kv group, query of the chunk): the mask repeats over the g query heads.
+        mask = mask[:, :, :, None].expand(-1, -1, -1, g, -1, -1).reshape(n, b * hkv, g * C, -1)
     else:
-        keys, vals, mask = kw, vw, mask_w
-    logits = torch.einsum("bhgncd,bhnkd->bhgnck", qc, keys)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scale
-    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))  # every row keeps its own key
-    p = torch.softmax(logits, dim=-1).to(vals.dtype)
-    return torch.einsum("bhgnck,bhnkd->bhgncd", p, vals)
+        mask = torch.cat([band.new_ones(C, top_k * M), band], dim=1).repeat(g, 1)  # (g*C, keys), broadcast
+    keys, vals = torch.cat([kb, kw], dim=2), torch.cat([vb, vw], dim=2)  # (n, b*hkv, top_k*M + m*C, d+1)
+    return F.scaled_dot_product_attention(qc, keys, vals, attn_mask=mask, scale=scale)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from hybridlm.cli import run_cli
 from hybridlm.config import register_configs
 from hybridlm.runner import evaluate, run_job
 
@@ -13,7 +14,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    return run_job(evaluate, cfg)
+    return run_cli(run_job, evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ class Block(nn.Module):
         self.residual_in_fp32 = cfg.residual_in_fp32
 
     def forward(self, x: Tensor, state: Optional[dict]) -> tuple[Tensor, dict]:
+        if x.shape[1] == 0:  # no tokens: nothing to mix, the state stays as it was (zeros when none was given)
+            return x, state if state is not None else self.mixer.zero_state(x.shape[0], x.device)
         # The residual stream may be fp32 while the weights are bf16: mixers see the weights' dtype.
         h, new_state = self.mixer(self.norm(x).to(self.norm.weight.dtype), state)
         x = x + h

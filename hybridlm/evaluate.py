@@ -7,6 +7,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from hybridlm.cli import run_cli
 from hybridlm.config import register_configs
 from hybridlm.runner import evaluate, run_job
 
@@ -15,7 +16,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="pkg://hybridlm.conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    return run_job(evaluate, cfg)
+    return run_cli(run_job, evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from hybridlm.cli import run_cli
 from hybridlm.convert import (
     EXPORT_FORMATS,
     CheckpointError,
@@ -57,7 +58,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    try:
-        main()
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+    run_cli(main)

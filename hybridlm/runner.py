@@ -26,11 +26,12 @@ from hybridlm import ops
 from hybridlm.checkpointing.callbacks import AtomicCheckpointIO, RunStateCallback, StepCheckpoint, save_final_checkpoint
 from hybridlm.checkpointing.io import CheckpointError
 from hybridlm.checkpointing.resume import choose_resume_checkpoint, resume_point
+from hybridlm.cli import ConfigError, ensure_writable
 from hybridlm.config import Config, to_config
 from hybridlm.console import StepProgressBar, filter_library_messages
 from hybridlm.convert import (
+    Checkpoint,
     find_tokenizer,
-    load_pretrained,
     load_state_dict_checked,
     merge_model_config,
     read_checkpoint,
@@ -49,10 +50,6 @@ log = logging.getLogger("hybridlm")
 # The Hydra configs: conf/ of the repository, installed as the package hybridlm.conf (the entry points' config_path
 # is "pkg://hybridlm.conf"), so a wheel finds them too. Wheels install unpacked: this is a real directory.
 CONF_DIR = Path(str(resources.files("hybridlm.conf")))
-
-
-class ConfigError(ValueError):
-    pass
 
 
 def typed_config(cfg: DictConfig) -> Config:
@@ -117,9 +114,43 @@ def _dotted(d: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
+def read_checkpoint_for(key: str, path: str) -> Checkpoint:
+    """read_checkpoint(path) for the config key that names it; its error names the key too."""
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{key}: {e}") from e
+
+
+def checkpoint_tokenizer(ckpt: Checkpoint) -> Optional[str]:
+    """The tokenizer a checkpoint goes with: the one its training run used (a hybridlm .ckpt), else the one
+    stored beside it (an official checkpoint directory); None when unknown."""
+    if ckpt.run_config is not None:
+        return (ckpt.run_config.get("data") or {}).get("tokenizer")
+    found = find_tokenizer(ckpt.path)
+    return str(found) if found is not None else None
+
+
+def build_datamodule(cfg: Config, ckpt: Optional[Checkpoint] = None, key: str = "init_from"):
+    """The data for cfg, its tokenizer checked against the model's vocabulary: the checkpoint's when the model
+    comes from one (given as config key `key`), since the checkpoint fixes model.vocab_size. The corpus is read
+    (and checked against seq_len and batch_size) now, not when the Trainer sets the data up, so a data error ends
+    the command before the Trainer starts; it stays cached for the Trainer."""
+    from hybridlm.data import HybridDataModule
+
+    if ckpt is None:
+        datamodule = HybridDataModule(cfg.data, model_vocab_size=cfg.model.vocab_size)
+    else:
+        datamodule = HybridDataModule(cfg.data, model_vocab_size=ckpt.cfg.vocab_size,
+                                      checkpoint=f"{key}={ckpt.path}", checkpoint_tokenizer=checkpoint_tokenizer(ckpt))
+    datamodule.batch_source()  # this rank's, with world_size 1: the Trainer's world only adds rows to check
+    return datamodule
+
+
+def build_model(cfg: Config, explicit_keys: set[str], ckpt: Optional[Checkpoint] = None) -> HybridLM:
     """The model to train: from scratch, or from `init_from` (architecture read from the checkpoint, compatible
-    overrides on top), with the adapter recipe applied. Updates cfg.model to what was built."""
+    overrides on top), with the adapter recipe applied. Updates cfg.model to what was built. ckpt: init_from,
+    already read."""
     from hybridlm.adapters import (
         apply_adapter,
         format_parameter_table,
@@ -129,8 +160,9 @@ def build_model(cfg: Config, explicit_keys: set[str]) -> HybridLM:
 
     sd = None
     if cfg.init_from:
-        ckpt_cfg, sd = load_pretrained(cfg.init_from)
-        cfg.model = merge_model_config(ckpt_cfg, cfg.model, explicit_keys)
+        ckpt = ckpt or read_checkpoint_for("init_from", cfg.init_from)
+        sd = ckpt.state_dict
+        cfg.model = merge_model_config(ckpt.cfg, cfg.model, explicit_keys)
     recipe_kind = recipe_attention_kind(cfg.adapter)
     if recipe_kind is not None and "A" in cfg.model.layer_pattern:
         cfg.model.attn.kind = recipe_kind  # e.g. longlora trains with S2-Attn; evaluation uses full attention
@@ -219,10 +251,9 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
         truncate_csv_log(out_dir / "csv" / "metrics.csv", from_step=resume.global_step)
     L.seed_everything(typed.seed, workers=True, verbose=False)
 
-    from hybridlm.data import HybridDataModule
-
-    datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
-    model = build_model(typed, explicit_keys)
+    init = read_checkpoint_for("init_from", typed.init_from) if typed.init_from else None
+    datamodule = build_datamodule(typed, init, "init_from")
+    model = build_model(typed, explicit_keys, init)
     log_model_size(model)
     module = HybridLMModule(typed, model=model)
     loggers = build_loggers(typed.logger, out_dir, run_name=f"{typed.experiment_name}/{out_dir.name}",
@@ -273,7 +304,6 @@ def train(cfg: DictConfig, out_dir: Path, explicit_keys: Optional[set[str]] = No
 
 def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]] = None) -> dict:
     """Validation loss and (with eval diagnostics) the length report of cfg.ckpt_path, written to out_dir."""
-    from hybridlm.data import HybridDataModule
     from hybridlm.eval import run_length_report, with_eval_attention
 
     filter_library_messages()
@@ -283,7 +313,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     configure_backends(typed)
     if not typed.ckpt_path:
         raise ConfigError("ckpt_path: give the checkpoint to evaluate (a .ckpt file or a checkpoint directory)")
-    ckpt = read_checkpoint(typed.ckpt_path)
+    ckpt = read_checkpoint_for("ckpt_path", typed.ckpt_path)
     path = ckpt.path
     typed.model = merge_model_config(ckpt.cfg, typed.model, explicit_model_keys(task_overrides))
     user_set_data = any(o.lstrip("+~").startswith("data") for o in task_overrides)
@@ -298,7 +328,7 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     load_state_dict_checked(model, ckpt.state_dict, source=str(path))
     model = with_eval_attention(model, typed.eval.attention)  # val/loss with it too (docs/design.md §4)
     module = HybridLMModule(typed, model=model)
-    datamodule = HybridDataModule(typed.data, model_vocab_size=typed.model.vocab_size)
+    datamodule = build_datamodule(typed, ckpt, "ckpt_path")
     loggers = build_loggers(typed.logger, out_dir, run_name=f"eval/{path.name}")
     with closing_wandb(loggers):
         trainer = L.Trainer(default_root_dir=str(out_dir), logger=loggers or False,
@@ -321,16 +351,6 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
                   "wandb": wandb_run_dir(loggers), "report": str(report_dir) if report_dir else None}
         report(result)
     return result
-
-
-def ensure_writable(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output directory {out_dir} is not writable ({e}); set hydra.run.dir") from e
 
 
 def report(result: dict) -> None:
@@ -367,9 +387,7 @@ def run_job(fn: Callable[[DictConfig, Path], dict], cfg: DictConfig) -> float:
     except Exception as e:  # noqa: BLE001
         record.update(status="failed", error=f"{type(e).__name__}: {e}")
         if not multirun:
-            if isinstance(e, ConfigError):
-                sys.exit(f"hybridlm: config error: {e}")
-            raise
+            raise  # the entry point's run_cli turns a user error into one line
         log.error("job %s failed:\n%s", hc.job.num, traceback.format_exc())
     finally:
         record["resources"] = usage.record()

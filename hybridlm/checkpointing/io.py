@@ -27,6 +27,8 @@ def torch_load(path: PathLike, map_location: Any = "cpu", mmap: bool = False) ->
     structure without reading tensor data: enough to find a truncated file (its zip directory, at the end, is
     missing) and to read metadata cheaply."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; give the checkpoint file inside it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -37,14 +39,27 @@ def torch_load(path: PathLike, map_location: Any = "cpu", mmap: bool = False) ->
                 raise
             return torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mmap
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        refused = re.search(r"[^.]*\bGLOBAL [\w.]+[^.]*", str(e))  # weights_only names the global it refused
-        what = ("holds Python objects other than tensors and plain containers, which hybridlm refuses to unpickle"
-                if refused else "is truncated or corrupt")
-        # Only torch's diagnosis: its advice to retry with weights_only=False is the one thing not to do here.
-        unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", str(e), re.S)
-        detail = (refused.group(0) if refused else unpickler.group(1) if unpickler else str(e)[:300]).strip()
-        raise CheckpointError(f"checkpoint {path} {what} (torch.load(weights_only=True) raised "
-                              f"{type(e).__name__}: {detail})") from e
+        raise CheckpointError(f"checkpoint {path} {_diagnosis(path, e)}") from e
+
+
+def _diagnosis(path: Path, e: Exception) -> str:
+    """What is wrong with a file torch.load(weights_only=True) refused, in one line. Only torch's diagnosis, never
+    its advice: retrying with weights_only=False is the one thing not to do with a file of unknown origin."""
+    refused = re.search(r"[^.]*\bGLOBAL [\w.]+[^.]*", str(e))  # weights_only names the global it refused
+    if refused:
+        return ("holds Python objects other than tensors and plain containers, which hybridlm refuses to unpickle "
+                f"(torch.load(weights_only=True) raised {type(e).__name__}: {refused.group(0).strip()})")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "is empty"
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip, or a pickle
+        return "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", str(e), re.S)
+    detail = unpickler.group(1) if unpickler else str(e)
+    first_sentence = " ".join(detail.split()).split(". ")[0].rstrip(".")
+    return (f"is truncated or corrupt (torch.load(weights_only=True) raised {type(e).__name__}: "
+            f"{first_sentence[:200]})")
 
 
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict:
@@ -64,12 +79,17 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", mmap: bool =
 
 
 def previous_checkpoint_hint(path: Path) -> str:
-    """'; the previous checkpoint is X': the newest other checkpoint in path's directory not newer than it."""
+    """'; the previous checkpoint is X': the newest other readable checkpoint in path's directory not newer than
+    it (read with mmap: the structure only)."""
     mtime = path.stat().st_mtime
     older = [p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve() and p.stat().st_mtime <= mtime]
-    if not older:
-        return "; there is no older checkpoint in that directory"
-    return f"; the previous checkpoint is {max(older, key=lambda p: p.stat().st_mtime)}"
+    for candidate in sorted(older, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            torch_load(candidate, mmap=True)
+        except CheckpointError:
+            continue
+        return f"; the previous checkpoint is {candidate}"
+    return "; there is no older readable checkpoint in that directory: write or download it again"
 
 
 def save_atomically(checkpoint: dict[str, Any], path: PathLike) -> None:

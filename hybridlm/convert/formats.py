@@ -40,9 +40,12 @@ def resolve_checkpoint(path_or_id: str | Path) -> Path:
         try:
             return Path(snapshot_download(repo_id=str(path_or_id), allow_patterns=_HUB_FILES))
         except Exception as e:  # offline, unknown repo, gated repo, ...: all end the same way for the user
+            first_line = next((line for line in str(e).splitlines() if line.strip()), "")  # one line, no trace
             raise CheckpointError(f"{path_or_id}: not a local path, and downloading it from the Hugging Face hub "
-                                  f"failed ({type(e).__name__}: {e})") from e
-    raise CheckpointError(f"{path_or_id}: no such file or directory")
+                                  f"failed ({type(e).__name__}: {first_line.strip()}); check the path or the hub "
+                                  "id") from e
+    raise CheckpointError(f"{path_or_id}: no such file or directory; give a hybridlm .ckpt file, a mamba_ssm or "
+                          "transformers checkpoint directory, or a Hugging Face hub id (owner/name)")
 
 
 def detect_format(path: str | Path) -> str:
@@ -102,10 +105,14 @@ def export(model: HybridLM, cfg: ModelConfig, out_dir: str | Path, format: str =
     """Write model (whose config is cfg) to out_dir in `format`; returns out_dir. What the target cannot
     compute is refused before anything is written."""
     if format not in EXPORT_FORMATS:
-        raise ValueError(f"format={format!r}: choose one of {EXPORT_FORMATS}")
+        raise CheckpointError(f"format={format!r}: choose one of {EXPORT_FORMATS}")
     if getattr(model, "cfg", cfg) != cfg:
         raise ValueError("cfg differs from model.cfg: the exported config would not describe the weights")
     out = Path(out_dir)
-    _BY_NAME[format].save(model, cfg, out, allow_full_attention)
+    try:
+        _BY_NAME[format].save(model, cfg, out, allow_full_attention)
+    except OSError as e:  # a directory that cannot be created or written; a refusal stays a CheckpointError
+        raise CheckpointError(f"{out}: cannot write the exported checkpoint there ({e}); choose another output "
+                              "directory") from e
     log.info("exported %s model to %s", format, out)
     return out

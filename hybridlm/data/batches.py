@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from hybridlm.data.config import DataConfig
+from hybridlm.data.errors import DataError
 from hybridlm.data.packed import Corpus, PackedStream
 from hybridlm.data.synthetic import synthetic_row
 from hybridlm.data.tokenizers import Tokenizer
@@ -49,21 +50,23 @@ class BatchSource:
     def _check_train(self, train: PackedStream) -> None:
         w, n = self.width, len(train.tokens)
         if n < w:
-            raise ValueError(f"data.seq_len: a window of seq_len+1={w} tokens is longer than the whole training "
-                             f"stream ({n} tokens)")
+            raise DataError(f"data.seq_len: a window of seq_len+1={w} tokens is longer than the whole training "
+                            f"stream ({n} tokens); lower seq_len or add documents")
         if not self.cfg.pack and self._seg_lengths.max() < w:
-            raise ValueError(f"data.seq_len: a window of seq_len+1={w} tokens is longer than every training "
-                             f"document (longest: {int(self._seg_lengths.max())} tokens with its EOD); lower "
-                             "seq_len or set pack=true")
+            raise DataError(f"data.seq_len: a window of seq_len+1={w} tokens is longer than every training "
+                            f"document (longest: {int(self._seg_lengths.max())} tokens with its EOD); lower "
+                            "seq_len or set pack=true")
         if self.cfg.stream_mode == "contiguous":
             if n // self.rows < w:
-                raise ValueError(f"data.batch_size: contiguous mode gives each of the batch_size*world_size="
-                                 f"{self.rows} rows a region of {n // self.rows} tokens of the {n}-token stream, "
-                                 f"shorter than a window of seq_len+1={w}")
+                raise DataError(f"data.batch_size: contiguous mode gives each of the batch_size*world_size="
+                                f"{self.rows} rows a region of {n // self.rows} tokens of the {n}-token stream, "
+                                f"shorter than a window of seq_len+1={w}; lower batch_size or seq_len, or add "
+                                "documents")
         elif num_slots(self._seg_lengths, w) < self.rows:
-            raise ValueError(f"data.batch_size: the training stream holds only {num_slots(self._seg_lengths, w)} "
-                             f"non-overlapping windows of seq_len+1={w} tokens, fewer than the "
-                             f"batch_size*world_size={self.rows} rows of one batch")
+            raise DataError(f"data.batch_size: the training stream holds only {num_slots(self._seg_lengths, w)} "
+                            f"non-overlapping windows of seq_len+1={w} tokens, fewer than the "
+                            f"batch_size*world_size={self.rows} rows of one batch; lower batch_size or seq_len, or "
+                            "add documents")
 
     def _val_windows(self, val: PackedStream) -> np.ndarray | None:
         cfg = self.cfg
@@ -72,16 +75,16 @@ class BatchSource:
         starts, lengths = segments(val.doc_starts, cfg.pack)
         if num_slots(lengths, self.width) == 0:
             what = "the whole validation stream" if cfg.pack else "every validation document"
-            raise ValueError(f"data.seq_len: a window of seq_len+1={self.width} tokens is longer than {what} "
-                             f"(longest: {int(lengths.max())} tokens); lower seq_len or raise val_fraction")
+            raise DataError(f"data.seq_len: a window of seq_len+1={self.width} tokens is longer than {what} "
+                            f"(longest: {int(lengths.max())} tokens); lower seq_len or raise val_fraction")
         return fixed_windows(starts, lengths, self.width, cfg.val_batches * cfg.batch_size)
 
     def _check_synthetic(self) -> None:
         try:  # a passkey row needs room for the needle and question: fail now, not at batch 1000
             self._synthetic_row(np.random.default_rng(0))
         except ValueError as e:
-            raise ValueError(f"data.seq_len: {self.cfg.seq_len} is too short for synthetic.task="
-                             f"{self.cfg.synthetic.task!r}: {e}") from e
+            raise DataError(f"data.seq_len: {self.cfg.seq_len} is too short for synthetic.task="
+                            f"{self.cfg.synthetic.task!r}: {e}") from e
 
     # ----- batches ---------------------------------------------------------------------------------------------
     def batches_per_epoch(self) -> int:

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from hybridlm.data.config import DataConfig
+from hybridlm.data.errors import DataError, DataFileNotFoundError, DataSourceError, first_line
 from hybridlm.data.packed import Corpus, PackedStream
 from hybridlm.data.recall_stream import recall_corpus
 from hybridlm.data.tokenizers import Tokenizer
@@ -89,7 +90,7 @@ class SkipCounter:
         if problem is None:
             return True
         if self.refuse:
-            raise ValueError(f"data.skip_bad_files: {path} is {problem} (set skip_bad_files=true to skip such files)")
+            raise DataError(f"data.skip_bad_files: {path} is {problem} (set skip_bad_files=true to skip such files)")
         self.counts[problem] = self.counts.get(problem, 0) + 1
         return False
 
@@ -138,7 +139,8 @@ def resolve_paths(patterns: list[str]) -> list[str]:
             [pattern] if os.path.exists(pattern) else [])
         if not matches:
             what = "no files match" if glob.has_magic(pattern) else "file not found:"
-            raise FileNotFoundError(f"data.paths: {what} {pattern!r}")
+            raise DataFileNotFoundError(f"data.paths: {what} {pattern!r}; check the path (relative paths start "
+                                        f"in the directory the command runs in)")
         for m in matches:
             if os.path.isdir(m):
                 for dirpath, dirnames, filenames in os.walk(m):
@@ -148,7 +150,7 @@ def resolve_paths(patterns: list[str]) -> list[str]:
                 found.add(m)
     files = sorted(os.path.abspath(f) for f in found)
     if not files:
-        raise FileNotFoundError(f"data.paths: no files under {patterns}")
+        raise DataFileNotFoundError(f"data.paths: no files under {patterns} (hidden files are not read)")
     return files
 
 
@@ -168,9 +170,14 @@ def _dataset_texts(ds, column: str, what: str) -> Iterator[str]:
         first = next(iter(ds), None)
         columns = list(first) if first is not None else []
     if column not in columns:
-        raise ValueError(f"data.text_column: column {column!r} not found in {what}; available: {list(columns)}")
+        raise DataError(f"data.text_column: column {column!r} not found in {what}; available: {list(columns)}")
     for batch in ds.iter(batch_size=1024):
         yield from batch[column]
+
+
+def _names(files: list[str]) -> str:
+    """The first few file names, for a message."""
+    return str([os.path.basename(f) for f in files[:5]] + (["..."] if len(files) > 5 else []))
 
 
 def _file_documents(cfg: DataConfig, skips: SkipCounter) -> Iterator[tuple[None, str]]:
@@ -184,9 +191,13 @@ def _file_documents(cfg: DataConfig, skips: SkipCounter) -> Iterator[tuple[None,
     for builder in sorted(by_builder):
         files = by_builder[builder]
         kwargs = {"sample_by": cfg.text_sample_by} if builder == "text" else {}
-        ds = load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+        try:
+            ds = load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+        except Exception as e:  # a file datasets cannot parse: name the files, not the library's internals
+            raise DataError(f"data.paths: cannot read {len(files)} {builder} file(s) {_names(files)}: "
+                            f"{first_line(e)}; fix or remove them") from e
         column = "text" if builder == "text" else cfg.text_column  # the text builder always names it "text"
-        for text in _dataset_texts(ds, column, f"{builder} files {[os.path.basename(f) for f in files[:5]]}"):
+        for text in _dataset_texts(ds, column, f"{builder} files {_names(files)}"):
             yield None, text
 
 
@@ -196,8 +207,9 @@ def _hub_documents(cfg: DataConfig) -> Iterator[tuple[None, str]]:
     try:
         ds = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=cfg.streaming)
     except Exception as e:  # offline, unknown name, missing config: say which key to look at
-        raise RuntimeError(f"data.hub_name: could not load {cfg.hub_name!r} (config={cfg.hub_config!r}, "
-                           f"split={cfg.hub_split!r}): {e}") from e
+        raise DataSourceError(f"data.hub_name: could not load {cfg.hub_name!r} (config={cfg.hub_config!r}, "
+                              f"split={cfg.hub_split!r}): {first_line(e)}; check the name, config and split, and "
+                              "that the Hugging Face hub is reachable") from e
     for text in _dataset_texts(ds, cfg.text_column, f"hub dataset {cfg.hub_name!r}"):
         yield None, text
 
@@ -242,7 +254,7 @@ def _build_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
     elif cfg.source == "hub":
         docs = _hub_documents(cfg)
     else:
-        raise ValueError(f"data.source: {cfg.source!r} is not a text corpus")
+        raise DataError(f"data.source: {cfg.source!r} is not a text corpus")
 
     train, val, empty_rows = [], [], 0
     for key, text in docs:
@@ -259,14 +271,14 @@ def _build_corpus(cfg: DataConfig, tokenizer: Tokenizer) -> Corpus:
     where = {"stdlib": "the stdlib corpus", "files": f"files {cfg.paths}", "hub": f"hub dataset {cfg.hub_name!r}"}
     key = "paths" if cfg.source == "files" else ("hub_name" if cfg.source == "hub" else "source")
     if not train and not val:
-        raise ValueError(f"data.{key}: corpus is empty: no non-empty documents in {where[cfg.source]} "
-                         f"({skips.summary()}, {empty_rows} empty rows)")
+        raise DataError(f"data.{key}: corpus is empty: no non-empty documents in {where[cfg.source]} "
+                        f"({skips.summary()}, {empty_rows} empty rows); give files with UTF-8 text")
     if not train:
-        raise ValueError(f"data.val_fraction: all {len(val)} documents fell in the validation split; "
-                         "lower val_fraction or add documents")
+        raise DataError(f"data.val_fraction: all {len(val)} documents fell in the validation split; "
+                        "lower val_fraction or add documents")
     if cfg.val_fraction > 0 and not val:
-        raise ValueError(f"data.val_fraction: the hash split put none of the {len(train)} documents in validation; "
-                         "add documents, raise val_fraction, or set val_fraction=0 to train without validation")
+        raise DataError(f"data.val_fraction: the hash split put none of the {len(train)} documents in validation; "
+                        "add documents, raise val_fraction, or set val_fraction=0 to train without validation")
     log.info("%s: %d train / %d val documents", where[cfg.source], len(train), len(val))
     return Corpus(train=PackedStream(*tokenizer.encode_documents(train)),
                   val=PackedStream(*tokenizer.encode_documents(val)))

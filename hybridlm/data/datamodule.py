@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from hybridlm.data.batches import BatchSource
 from hybridlm.data.config import DataConfig
 from hybridlm.data.corpus import load_corpus
+from hybridlm.data.errors import DataError
 from hybridlm.data.packed import Corpus
 from hybridlm.data.recall_stream import recall_vocab_size
 from hybridlm.data.tokenizers import check_vocab, load_tokenizer
@@ -79,10 +80,12 @@ class _ResumableLoader(DataLoader):
 class HybridDataModule(L.LightningDataModule):
     """Batches {"input_ids": (b, T), "labels": (b, T), "batch_index": scalar} with T = cfg.seq_len.
 
-    rank/world_size are used when no Trainer is attached; under a Trainer its global_rank/world_size win."""
+    rank/world_size are used when no Trainer is attached; under a Trainer its global_rank/world_size win.
+    checkpoint / checkpoint_tokenizer: the checkpoint that fixes model_vocab_size ("init_from=PATH") and its
+    tokenizer, when there is one; they only shape the advice of a vocabulary error (see check_vocab)."""
 
     def __init__(self, cfg: DataConfig, model_vocab_size: int | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, checkpoint: str | None = None, checkpoint_tokenizer: str | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -91,15 +94,15 @@ class HybridDataModule(L.LightningDataModule):
         recall = cfg.source == "synthetic" and cfg.synthetic.task == "recall_stream"
         if recall:  # token ids of its own; the tokenizer is never used
             if model_vocab_size is not None and recall_vocab_size(cfg.synthetic) > model_vocab_size:
-                raise ValueError(f"data.synthetic: recall_stream uses 2*num_keys+2*num_values="
-                                 f"{recall_vocab_size(cfg.synthetic)} ids, more than the model's vocab_size "
-                                 f"{model_vocab_size}")
+                raise DataError(f"data.synthetic: recall_stream uses 2*num_keys+2*num_values="
+                                f"{recall_vocab_size(cfg.synthetic)} ids, more than the model's vocab_size "
+                                f"{model_vocab_size}; lower num_keys / num_values or raise model.vocab_size")
         else:
-            check_vocab(self.tokenizer, model_vocab_size)
+            check_vocab(self.tokenizer, model_vocab_size, checkpoint, checkpoint_tokenizer)
         uses_ids = cfg.synthetic.task in ("mqar", "copy") and (cfg.source == "synthetic" or cfg.mix_prob > 0)
         if uses_ids and model_vocab_size is not None and cfg.synthetic.vocab_size > model_vocab_size:
-            raise ValueError(f"data.synthetic.vocab_size: {cfg.synthetic.vocab_size} exceeds the model's "
-                             f"vocab_size {model_vocab_size}")
+            raise DataError(f"data.synthetic.vocab_size: {cfg.synthetic.vocab_size} exceeds the model's "
+                            f"vocab_size {model_vocab_size}; lower it or raise model.vocab_size")
         self.corpus: Corpus | None = None
         self._cursor = _Cursor()
         self._sources: dict[tuple[int, int], BatchSource] = {}

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hybridlm.data.errors import DataError, DataFileNotFoundError, first_line
+
 BYTE_EOD_ID = 256
 # End-of-document tokens of common tokenizers, tried in order when `eod_token` is not given.
 EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]", "<EOS>")
@@ -124,15 +126,15 @@ def _find_eod(path: str, eod_token: str | None, vocab: dict[str, int], eos_id: i
     """`eod_token` if given, else the tokenizer's own eos token, else the first known EOD spelling it has."""
     if eod_token is not None:
         if eod_token not in vocab:
-            raise ValueError(f"data.eod_token: {eod_token!r} is not a token of {path!r}")
+            raise DataError(f"data.eod_token: {eod_token!r} is not a token of {path!r}")
         return vocab[eod_token]
     if eos_id is not None:
         return int(eos_id)
     for cand in EOD_CANDIDATES:
         if cand in vocab:
             return vocab[cand]
-    raise ValueError(f"data.tokenizer: {path!r} has no end-of-document token (looked for {list(EOD_CANDIDATES)}); "
-                     "name one with data.eod_token")
+    raise DataError(f"data.tokenizer: {path!r} has no end-of-document token (looked for {list(EOD_CANDIDATES)}); "
+                    "name one with data.eod_token")
 
 
 def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
@@ -140,20 +142,41 @@ def load_tokenizer(spec: str, eod_token: str | None = None) -> Tokenizer:
     if spec == "byte":
         return ByteTokenizer()
     if os.path.isfile(spec):
-        return HFTokenizer(spec, eod_token)
+        return _load(HFTokenizer, spec, eod_token)
     if os.path.isdir(spec):
         if os.path.isfile(os.path.join(spec, "tokenizer_config.json")):
-            return TransformersTokenizer(spec, eod_token)
+            return _load(TransformersTokenizer, spec, eod_token)
         if os.path.isfile(os.path.join(spec, "tokenizer.json")):
-            return HFTokenizer(os.path.join(spec, "tokenizer.json"), eod_token)
-        raise FileNotFoundError(f"data.tokenizer: directory {spec!r} has neither tokenizer_config.json "
-                                "(transformers) nor tokenizer.json (tokenizers)")
-    raise FileNotFoundError(f"data.tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer.json file "
-                            "or tokenizer directory")
+            return _load(HFTokenizer, os.path.join(spec, "tokenizer.json"), eod_token)
+        raise DataFileNotFoundError(f"data.tokenizer: directory {spec!r} has neither tokenizer_config.json "
+                                    "(transformers) nor tokenizer.json (tokenizers)")
+    raise DataFileNotFoundError(f"data.tokenizer: {spec!r} is neither 'byte' nor an existing tokenizer.json file "
+                                "or tokenizer directory")
 
 
-def check_vocab(tokenizer: Tokenizer, model_vocab_size: int | None) -> None:
-    """Refuse a tokenizer whose ids would index past the model's embedding table."""
-    if model_vocab_size is not None and tokenizer.vocab_size > model_vocab_size:
-        raise ValueError(f"data.tokenizer: vocab size {tokenizer.vocab_size} of {tokenizer.name!r} exceeds the "
-                         f"model's vocab_size {model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+def _load(cls: type[Tokenizer], path: str, eod_token: str | None) -> Tokenizer:
+    try:
+        return cls(path, eod_token)
+    except DataError:
+        raise
+    except Exception as e:  # the libraries raise many types for a file they cannot parse
+        raise DataError(f"data.tokenizer: cannot load {path!r} ({first_line(e)}); give a valid tokenizer.json or "
+                        "a saved transformers tokenizer directory") from e
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int | None, checkpoint: str | None = None,
+                checkpoint_tokenizer: str | None = None) -> None:
+    """Refuse a tokenizer whose ids would index past the model's embedding table. `checkpoint` ("init_from=PATH")
+    names the checkpoint that fixes model_vocab_size, if one does, and `checkpoint_tokenizer` the tokenizer it
+    comes with, if known: then the fix is that tokenizer, not a larger model.vocab_size."""
+    if model_vocab_size is None or tokenizer.vocab_size <= model_vocab_size:
+        return
+    problem = (f"data.tokenizer: vocab size {tokenizer.vocab_size} of {tokenizer.name!r} exceeds the model's "
+               f"vocab_size {model_vocab_size}")
+    if checkpoint is None:
+        raise DataError(f"{problem}; set model.vocab_size >= {tokenizer.vocab_size}")
+    if checkpoint_tokenizer is not None:
+        raise DataError(f"{problem}, fixed by the checkpoint {checkpoint}; pass the checkpoint's tokenizer: "
+                        f"data.tokenizer={checkpoint_tokenizer}")
+    raise DataError(f"{problem}, fixed by the checkpoint {checkpoint}; pass the tokenizer it was trained with "
+                    "(data.tokenizer=DIR): none is stored beside it")

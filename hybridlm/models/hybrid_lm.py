@@ -49,6 +49,8 @@ class Block(nn.Module):
     def forward(self, x: Tensor, state: Optional[dict]) -> tuple[Tensor, dict]:
         if self.mixer is None:  # an F layer holds no state: its entry is always {} (docs/design.md §2)
             return x + self.mlp(self.norm(x).to(self.norm.weight.dtype)), {}
+        if x.shape[1] == 0:  # no tokens: nothing to mix, the state stays as it was (zeros when none was given)
+            return x, state if state is not None else self.mixer.zero_state(x.shape[0], x.device)
         # The residual stream may be fp32 while the weights are bf16: mixers see the weights' dtype.
         h, new_state = self.mixer(self.norm(x).to(self.norm.weight.dtype), state)
         x = x + h

@@ -27,6 +27,10 @@ TRITON_MAX_K = 16  # the Triton kernel unrolls its taps
 def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
                   conv_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """x (b,l,d), weight (d,1,k), conv_state (b,k-1,d) -> y (b,l,d) (no activation), new state (b,k-1,d)."""
+    if x.shape[1] == 0:  # no new inputs: an empty output and the state unchanged, whatever the backend
+        b, _, d = x.shape
+        state = conv_state if conv_state is not None else x.new_zeros(b, weight.shape[-1] - 1, d)
+        return torch.zeros_like(x), state.to(x.dtype)
     return call("causal_conv1d", x, weight, bias, conv_state)
 
 

@@ -24,6 +24,8 @@ def span_attention(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, window: in
                    softmax_scale: Optional[float] = None) -> Tensor:
     """SE-Attn: q (b,h,lq,d), k/v (b,hkv,lk,d), selected (b,hkv,ceil(lq/query_chunk),top_k) block ids (-1 empty)
     -> o (b,h,lq,d); semantics in torch_ref.py."""
+    if q.shape[2] == 0:  # no queries: an empty output, whatever the backend
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
     return call("span_attention", q, k, v, selected, window, block_size, query_chunk, softmax_scale)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from hybridlm.kernels.availability import triton_auto_skip, triton_available, triton_tensors
@@ -24,6 +25,11 @@ from hybridlm.ops.registry import PRIORITY, Backend, Reason, call, register
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Optional[Tensor] = None,
              initial_state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """x (b,l,h,p), dt (b,l,h) softplus'd, A (h,), B/C (b,l,g,n) -> y (b,l,h,p), final state (b,h,p,n) fp32."""
+    if x.shape[1] == 0:  # nothing to scan: an empty output and the state unchanged, whatever the backend
+        f = torch.promote_types(x.dtype, torch.float32)
+        b, _, h, p = x.shape
+        final = initial_state if initial_state is not None else x.new_zeros(b, h, p, B.shape[-1])
+        return torch.zeros_like(x), final.to(f)
     return call("ssd_scan", x, dt, A, B, C, chunk_size, D, initial_state)
 
 

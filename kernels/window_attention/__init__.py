@@ -20,6 +20,8 @@ from hybridlm.ops.registry import PRIORITY, Backend, Reason, call, register
 def window_attention(q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None,
                      softmax_scale: Optional[float] = None) -> Tensor:
     """q (b,h,lq,d), k/v (b,hkv,lk,d) whose last lq positions are the queries' -> o (b,h,lq,d)."""
+    if q.shape[2] == 0:  # no queries: an empty output, whatever the backend
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
     return call("window_attention", q, k, v, window, softmax_scale)
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,12 +38,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
-from hybridlm.convert import CheckpointError, find_tokenizer, load_state_dict_checked, read_checkpoint
+from hybridlm.cli import ConfigError, run_cli
+from hybridlm.convert import find_tokenizer, load_state_dict_checked, read_checkpoint
 from hybridlm.convert.base import Checkpoint
 from hybridlm.models.hybrid_lm import HybridLM
 from hybridlm.models.state import State, select_rows
 from hybridlm.ops.config import BackendConfig
-from hybridlm.runner import ConfigError, configure_backends
+from hybridlm.runner import configure_backends
 from hybridlm.sampling import check_sampling, next_token
 from hybridlm.validation import need
 
@@ -265,15 +264,9 @@ def run(cfg: DictConfig) -> dict:
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path="pkg://hybridlm.conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (ConfigError, CheckpointError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        kind = "config" if isinstance(e, ConfigError) else "checkpoint"
-        sys.exit(f"hybridlm: {kind} error: {e}")
+    run_cli(run, cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""hybridlm.kernels.compile_check: every Triton kernel compiles for sm_80 and sm_90 at realistic shapes and fits in shared
+"""hybridlm.kernels.compile_check: every Triton kernel compiles for sm_80 and sm_90 at realistic shapes and fits in
+shared
 memory (fast mode, PTX), and in full mode (ptxas) spills at most 1 KB per thread. Each check runs in its own
 process without TRITON_INTERPRET: the interpreter, which these kernel tests otherwise use (conftest.py), replaces
 triton.language when triton is first imported, and then nothing can be compiled."""
@@ -38,7 +39,8 @@ def launched_kernels() -> set[tuple[str, str]]:
 
 def run_check(tmp_path: Path, full: bool, timeout: int) -> list[dict]:
     out = tmp_path / "rows.json"
-    proc = run_python(["-m", "hybridlm.kernels.compile_check", "--json", str(out), *(["--full"] if full else [])], timeout)
+    args = ["-m", "hybridlm.kernels.compile_check", "--json", str(out), *(["--full"] if full else [])]
+    proc = run_python(args, timeout)
     assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-6000:]}\n{proc.stderr[-4000:]}"
     rows = json.loads(out.read_text())
     reached = {(r["kernel"].split(".")[0], r["kernel"].split(".")[1].split(" ")[0]) for r in rows}

@@ -1,4 +1,5 @@
-"""S2-Attn (LongLoRA shifted sparse attention, docs/design.md §5) against naive per-group loops; eval = full attention."""
+"""S2-Attn (LongLoRA shifted sparse attention, docs/design.md §5) against naive per-group loops;
+eval = full attention."""
 import math
 
 import pytest

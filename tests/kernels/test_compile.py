@@ -1,6 +1,5 @@
 """hybridlm.kernels.compile_check: every Triton kernel compiles for sm_80 and sm_90 at realistic shapes and fits in
-shared
-memory (fast mode, PTX), and in full mode (ptxas) spills at most 1 KB per thread. Each check runs in its own
+shared memory (fast mode, PTX), and in full mode (ptxas) spills at most 1 KB per thread. Each check runs in its own
 process without TRITON_INTERPRET: the interpreter, which these kernel tests otherwise use (conftest.py), replaces
 triton.language when triton is first imported, and then nothing can be compiled."""
 import json

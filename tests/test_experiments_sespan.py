@@ -266,5 +266,12 @@ def test_make_repro_sespan_end_to_end(tmp_path):
     # Every pair of the paper's ordering is judged in both tables, and the needle target in both.
     claims = [(o["table"], o["claim"]) for o in meta["orderings"]]
     assert len(claims) == 2 * 4 + 2 and len(set(claims)) == len(claims)
-    assert table.count("reproduced**") == len(claims)
+    verdicts = [o["reproduced"] for o in meta["orderings"]]
+    assert sum(table.count(f"**{v}**") for v in ("reproduced", "NOT reproduced", "undecided")) == len(claims)
+    for o in meta["orderings"]:  # recomputed from the cells / accuracies
+        if "cells" in o:
+            assert o["reproduced"] == all(c["ours"] == c["paper"] for c in o["cells"])
+        else:
+            assert o["reproduced"] == (o["se_attn"] >= 0.8 * o["full"] if o["full"] > 0 else None)
+    assert len(verdicts) == len(claims)
     assert (out / "figure.png").stat().st_size > 0

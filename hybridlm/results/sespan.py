@@ -17,7 +17,7 @@ Writes {out}/table.md, results.json and figure.png. Measurements:
   last prompt token (outside the pretraining context and a query chunk of M = T).
 - orderings: the paper's (full <= SE < SW < S2 < not fine-tuned) pair by pair, at every length from 8T on, ours
   beside the truth value of the same comparison on the paper's quoted numbers; reproduced when they agree at every
-  length compared.
+  length compared. The needle target is undecided when full attention finds no needle.
 """
 from __future__ import annotations
 
@@ -261,8 +261,10 @@ def orderings(rows: list[dict], lengths: list[int]) -> list[dict]:
     for name in EVALS:
         acc = [hy.get(k, {}).get("evals", {}).get(name, {}).get("needle_beyond_T") for k in ("se_attn", "full")]
         if None not in acc and not any(math.isnan(x) for x in acc):
+            # Undecided (None) when full attention finds no needle: there is nothing to keep.
             out.append({"table": name, "claim": f"needle beyond T: SE-Attn >= {NEEDLE_TARGET} x Full-Attn",
-                        "se_attn": acc[0], "full": acc[1], "reproduced": acc[0] >= NEEDLE_TARGET * acc[1]})
+                        "se_attn": acc[0], "full": acc[1],
+                        "reproduced": acc[0] >= NEEDLE_TARGET * acc[1] if acc[1] > 0 else None})
     return out
 
 
@@ -273,7 +275,7 @@ def fmt(x, spec: str = ".3f") -> str:
 
 
 def length_name(n: int, T: int) -> str:
-    return f"{n // T}T" if n % T == 0 else str(n)
+    return str(n) if n % T else "T" if n == T else f"{n // T}T"
 
 
 def perplexity_table(rows: list[dict], meta: dict, name: str) -> list[str]:
@@ -310,13 +312,14 @@ def ordering_lines(meta: dict) -> list[str]:
     T = meta["pretrain_len"]
     lines = []
     for o in meta["orderings"]:
-        verdict = "reproduced" if o["reproduced"] else "NOT reproduced"
+        verdict = {True: "reproduced", False: "NOT reproduced", None: "undecided"}[o["reproduced"]]
         table = "Table 1, full attention" if o["table"] == "full" else "Table 2, same attention"
         if "cells" in o:
             detail = "; ".join(f"{length_name(c['length'], T)}: ours {'yes' if c['ours'] else 'no'}, paper "
                                f"{'yes' if c['paper'] else 'no'}" for c in o["cells"])
         else:
-            detail = f"SE-Attn {o['se_attn']:.2f}, Full-Attn {o['full']:.2f}"
+            detail = f"SE-Attn {o['se_attn']:.2f}, Full-Attn {o['full']:.2f}" + (
+                "; full attention finds no needle" if o["reproduced"] is None else "")
         lines.append(f"- {o['claim']} ({table}): **{verdict}** ({detail})")
     return lines
 

@@ -57,17 +57,17 @@ repro-lengthgen:
 	$(PY) -m hybridlm.results lengthgen $(LENGTHGEN_RUNS) --out $(LENGTHGEN_OUT) \
 		--command 'make repro-lengthgen$(if $(ARGS), ARGS="$(ARGS)")'
 
-# Expansion Span (Nunez et al. 2024): pretrain at T=128, adapt at 8T with {swa,full,s2,se_attn, se_attn with 16-token
-# query chunks} x {lora_plus,hylora}, evaluate the adapted and the pretrained checkpoints, time a step of each
-# adaptation alone; each stage a Hydra run or multirun of conf/experiment/sespan/repro/, in outputs/sespan/<stage>/.
-# Then the reader writes results/sespan/{table.md,results.json,figure.png} (the script these stages replace took
-# 12-14 min on 2 CPU cores; the stages add a few interpreter starts).
-# Hydra overrides per stage: PRETRAIN_ARGS (pretrain), ADAPT_ARGS (adapt and timing), EVAL_ARGS (evaluations).
+# Expansion Span (Nunez et al. 2025), the paper's protocol (issue 12; docs/results/sespan.md): pretrain a hybrid at
+# T=128 on text, fine-tune it at 8T with {full,swa,s2,se_attn} x hylora and se_attn x {lora,lora_plus}, evaluate the
+# pretrained and every fine-tuned checkpoint with full attention (Table 1) and with its own (Table 2): perplexity at
+# T-32T and a needle in a text haystack at 2T-8T; time a step of each kind at 8T alone. Each stage a Hydra run or
+# multirun of conf/experiment/sespan/repro/, in outputs/sespan/<stage>/. Then the reader writes
+# results/sespan/{table.md,results.json,figure.png}.
+# Hydra overrides per stage: PRETRAIN_ARGS (pretrain), ADAPT_ARGS (fine-tuning and timing), EVAL_ARGS (evaluation).
 SESPAN_RUNS ?= outputs/sespan
 SESPAN_OUT ?= results/sespan
 SESPAN := $(abspath $(SESPAN_RUNS))
 SESPAN_CKPT := $(SESPAN)/pretrain/checkpoints/last.ckpt
-SE_ATTN_C16 := model/attention=se_attn model.attn.query_chunk=16
 SESPAN_COMMAND = $(strip make repro-sespan $(foreach v,PRETRAIN_ARGS ADAPT_ARGS EVAL_ARGS,$(if $($(v)),$(v)="$($(v))")))
 repro-sespan: export WANDB_MODE = offline
 repro-sespan:
@@ -76,19 +76,14 @@ repro-sespan:
 		hydra.run.dir=$(SESPAN)/pretrain $(PRETRAIN_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/adapt \
 		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/adapt $(ADAPT_ARGS)
-	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/adapt $(SE_ATTN_C16) \
-		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/adapt_c16 $(ADAPT_ARGS)
+	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/adapt \
+		model/attention=se_attn adapter=lora,lora_plus \
+		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/adapt_recipes $(ADAPT_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.evaluate -m +experiment=sespan/repro/eval \
-		ckpt_path=$$(ls $(SESPAN)/adapt*/*/checkpoints/last.ckpt | paste -sd, -) \
+		ckpt_path=$(SESPAN_CKPT),$$(ls $(SESPAN)/adapt*/*/checkpoints/last.ckpt | paste -sd, -) \
 		hydra.sweep.dir=$(SESPAN)/eval $(EVAL_ARGS)
-	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.evaluate -m +experiment=sespan/repro/zero_shot \
-		ckpt_path=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/zero_shot $(EVAL_ARGS)
-	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.evaluate -m +experiment=sespan/repro/zero_shot $(SE_ATTN_C16) \
-		ckpt_path=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/zero_shot_c16 $(EVAL_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/timing \
 		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/timing $(ADAPT_ARGS)
-	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/timing $(SE_ATTN_C16) \
-		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/timing_c16 $(ADAPT_ARGS)
 	$(PY) -m hybridlm.results sespan $(SESPAN) --out $(SESPAN_OUT) --command '$(SESPAN_COMMAND)'
 
 clean:

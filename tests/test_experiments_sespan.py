@@ -1,10 +1,11 @@
 """The Expansion Span experiment files (conf/experiment/sespan/) compose and run, shrunk, in-process through
 hybridlm.runner: pretrain -> adapt (SE-Attn + HyLoRA from the pretrained checkpoint, length report at the end)
--> evaluate; `make repro-sespan` runs the jobs its script used to run and (slow) builds its table end to end; and
-the reader's passkey geometry agrees with the prompts themselves."""
+-> evaluate; `make repro-sespan` runs the paper's protocol (issue 12) job by job and (slow) builds its tables end to
+end; and the reader's needle geometry agrees with the prompts themselves."""
 import csv
 import fnmatch
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -53,8 +54,8 @@ def test_pretrain_adapt_evaluate(tmp_path):
 
     # Adaptation: the architecture (d_model 32) comes from the checkpoint, not from the composed default (128);
     # the attention kind and its sizes are explicit overrides, as on the command line.
-    se = ["model/attention=se_attn", "model.attn.window=32", "model.attn.block_size=8", "model.attn.top_k=2",
-          "model.attn.query_chunk=16"]
+    se = ["model/attention=se_attn", "model.attn.chunk_sizes=[32,64]", "model.attn.block_size=8",
+          "model.attn.top_k=2"]
     overrides = ["+experiment=sespan/adapt", f"init_from={pre['checkpoint']}", *se, "adapter=hylora",
                  *TINY_RUN, "data.seq_len=96", *TINY_EVAL]
     adapt_cfg = compose_cfg("train", overrides)
@@ -94,24 +95,12 @@ def test_key_placement_matches_the_prompt_text(window):
             assert where(n, depth) == expected, (n, depth)
 
 
-# What scripts/repro_sespan.py ran before `make repro-sespan` became Hydra runs. Attention variants (model overrides
-# on the pretrained checkpoint), in its order; adapters; the variants the pretrained model was evaluated with.
-OLD_VARIANTS = {"swa": ["model/attention=swa"], "full": ["model/attention=full"], "s2": ["model/attention=s2"],
-                "se_attn": ["model/attention=se_attn"],
-                "se_attn_c16": ["model/attention=se_attn", "model.attn.query_chunk=16"]}
-OLD_ADAPTERS = ["lora_plus", "hylora"]
-OLD_ZERO_SHOT = ["swa", "full", "se_attn", "se_attn_c16"]
+# The paper's protocol (issue 12, deliverable 5), written out here job by job: fine-tuning kinds x recipes in the
+# order the stages run them, the evaluation settings, and the per-kind timing.
+KINDS = ["full", "swa", "s2", "se_attn"]
+FINE_TUNED = [(k, "hylora") for k in KINDS] + [("se_attn", "lora"), ("se_attn", "lora_plus")]
 CPUS = os.cpu_count() or 1
-HALF = max(1, CPUS // 2)  # its jobs after pretraining: two at a time, cpu_count // 2 threads each
-
-
-def old_adapt(ckpt, kind, adapter):
-    return ["+experiment=sespan/adapt", f"init_from={ckpt}", *OLD_VARIANTS[kind], f"adapter={adapter}", "logger=csv",
-            "eval.at_fit_end=false", "trainer.enable_progress_bar=false"]
-
-
-def old_eval(ckpt, model=()):
-    return ["+experiment=sespan/eval", f"ckpt_path={ckpt}", *model, "trainer.enable_progress_bar=false"]
+HALF = max(1, CPUS // 2)  # the jobs after pretraining: two at a time, cpu_count // 2 threads each
 
 
 @pytest.fixture(scope="module")
@@ -126,100 +115,118 @@ def stages(tmp_path_factory):
     return by_stage, runs
 
 
-def test_make_repro_sespan_pretrains_as_the_old_script(stages):
+def test_the_stages_are_the_protocol(stages):
+    by_stage, _ = stages
+    assert {s: len(c) for s, c in by_stage.items()} == {"pretrain": 1, "adapt": 2, "eval": 1, "timing": 1,
+                                                         "results": 1}
+
+
+def test_pretrains_a_hybrid_at_T_on_text(stages):
     by_stage, runs = stages
     (pre,) = by_stage["pretrain"]
     assert pre.module == "hybridlm.train" and not pre.multirun and pre.env["OMP_NUM_THREADS"] == str(CPUS)
     (job,) = sweep_jobs(pre)
-    assert effective("train", job) == effective("train", ["+experiment=sespan/pretrain", "logger=csv",
-                                                          "trainer.enable_progress_bar=false"])
+    cfg = effective("train", job)["config"]
+    attn = cfg["model"]["attn"]
+    assert cfg["model"]["layer_pattern"] == "MMAM" and (attn["kind"], attn["window"]) == ("swa", 128)
+    assert cfg["data"]["seq_len"] == 128 and cfg["data"]["source"] != "synthetic"  # text, with passkey rows
+    assert cfg["data"]["synthetic"]["task"] == "passkey" and cfg["data"]["synthetic"]["passkey_filler"] == "corpus"
     assert job_dir(pre, job) == runs / "pretrain"
 
 
-def test_make_repro_sespan_adapts_as_the_old_script(stages):
+def fine_tuning_jobs(commands):
+    return [(c, job) for c in commands for job in sweep_jobs(c)]
+
+
+def test_fine_tunes_at_8T_every_kind_with_hylora_and_se_attn_with_each_recipe(stages):
     by_stage, runs = stages
     ckpt = runs / "pretrain" / "checkpoints" / "last.ckpt"
     commands = by_stage["adapt"]
+    jobs = fine_tuning_jobs(commands)
     assert all(c.module == "hybridlm.train" and c.multirun and c.env["OMP_NUM_THREADS"] == str(HALF)
-               and hydra_value(c, c.args, "launcher.n_jobs") == 2 for c in commands)
-    jobs = [(c, job) for c in commands for job in sweep_jobs(c)]
-    expected = [(kind, adapter) for kind in OLD_VARIANTS for adapter in OLD_ADAPTERS]
-    assert len(jobs) == len(expected)
-    for (_, job), (kind, adapter) in zip(jobs, expected):
-        assert effective("train", job) == effective("train", old_adapt(ckpt, kind, adapter)), (kind, adapter)
-    # The directories scripts/diagnose_sespan.py reads: adapt/<kind>+<adapter>
-    assert [job_dir(c, job) for c, job in jobs[:8]] == [runs / "adapt" / f"{k}+{a}" for k, a in expected[:8]]
+               and hydra_value(c, job, "launcher.n_jobs") == 2 for c, job in jobs)
+    got = []
+    for c, job in jobs:
+        eff = effective("train", job)
+        cfg = eff["config"]
+        kind, adapter = cfg["model"]["attn"]["kind"], cfg["adapter"]["name"]
+        got.append((kind, adapter))
+        assert cfg["init_from"] == str(ckpt) and cfg["data"]["seq_len"] == 8 * 128
+        assert (cfg["adapter"]["r"], cfg["adapter"]["alpha"]) == (32, 64)  # the paper's LoRA settings
+        assert not cfg["eval"]["at_fit_end"] and cfg["trainer"]["log_every_n_steps"] == 1
+        # Only the attention kind is set on the model: the architecture comes from the checkpoint.
+        keys = eff["explicit model keys"]
+        assert "attn.kind" in keys and all(k.startswith("attn.") for k in keys), keys
+        if kind == "se_attn":  # the paper's chunk sizes {T, 2T}, S = 32, k = 8, its scorer, per-head selection
+            attn = cfg["model"]["attn"]
+            assert [attn[k] for k in ("chunk_sizes", "eval_chunk_size", "block_size", "top_k", "scorer", "shared")] \
+                == [[128, 256], None, 32, 8, "paper", False]
+        assert job_dir(c, job) == runs / ("adapt" if adapter == "hylora" else "adapt_recipes") / f"{kind}+{adapter}"
+    assert got == FINE_TUNED
 
 
-def adapted_checkpoints(by_stage):
-    return sorted(str(job_dir(c, job) / "checkpoints" / "last.ckpt")
-                  for c in by_stage["adapt"] for job in sweep_jobs(c))
-
-
-def test_make_repro_sespan_evaluates_as_the_old_script(stages):
+def test_evaluates_every_checkpoint_with_full_and_with_the_same_attention(stages):
     by_stage, runs = stages
-    (adapted,) = by_stage["eval"]
-    assert adapted.module == "hybridlm.evaluate" and adapted.env["OMP_NUM_THREADS"] == str(HALF)
-    assert hydra_value(adapted, adapted.args, "launcher.n_jobs") == 2
-    # The shell lists the checkpoints the adaptation wrote (ls sorts them) and nothing else.
-    (listed,) = [a.removeprefix("ckpt_path=") for a in adapted.args if a.startswith("ckpt_path=")]
-    ckpts = adapted_checkpoints(by_stage)
-    pretrained = runs / "pretrain" / "checkpoints" / "last.ckpt"
-    assert all(fnmatch.fnmatch(c, listed) for c in ckpts) and not fnmatch.fnmatch(str(pretrained), listed)
-    adapted.args = [a if not a.startswith("ckpt_path=") else "ckpt_path=" + ",".join(ckpts) for a in adapted.args]
-    jobs = sweep_jobs(adapted)
-    assert [effective("evaluate", job) for job in jobs] == [effective("evaluate", old_eval(c)) for c in ckpts]
+    (command,) = by_stage["eval"]
+    assert command.module == "hybridlm.evaluate" and command.env["OMP_NUM_THREADS"] == str(HALF)
+    # The pretrained checkpoint, then what the shell lists: the fine-tuned checkpoints (ls sorts them), nothing else.
+    (listed,) = [a.removeprefix("ckpt_path=") for a in command.args if a.startswith("ckpt_path=")]
+    pretrained, glob = listed.split(",")
+    assert pretrained == str(runs / "pretrain" / "checkpoints" / "last.ckpt")
+    tuned = sorted(str(job_dir(c, job) / "checkpoints" / "last.ckpt")
+                   for c, job in fine_tuning_jobs(by_stage["adapt"]))
+    assert all(fnmatch.fnmatch(c, glob) for c in tuned) and not fnmatch.fnmatch(pretrained, glob)
+    command.args = [a if not a.startswith("ckpt_path=") else "ckpt_path=" + ",".join([pretrained, *tuned])
+                    for a in command.args]
+    assert all(hydra_value(command, job, "launcher.n_jobs") == 2 for job in sweep_jobs(command))
+    jobs = [effective("evaluate", job)["config"] for job in sweep_jobs(command)]
+    assert [(j["ckpt_path"], j["eval"]["attention"]) for j in jobs] == [
+        (c, a) for a in ("full", "same") for c in [pretrained, *tuned]]
+    for j in jobs:
+        ev = j["eval"]
+        assert ev["diagnostics"] == ["loss_by_position", "passkey"]
+        assert ev["max_len"] == 32 * 128 and ev["chunk_len"] == 8 * 128  # perplexity up to 32T, streamed by 8T
+        assert ev["passkey_lengths"] == [256, 512, 1024] and ev["passkey_haystack"] == "text"  # needle at 2T-8T
 
-    zero_shot = by_stage["zero_shot"]
-    assert all(c.module == "hybridlm.evaluate" and c.env["OMP_NUM_THREADS"] == str(HALF) for c in zero_shot)
-    jobs = [job for c in zero_shot for job in sweep_jobs(c)]
-    assert [effective("evaluate", job) for job in jobs] == [
-        effective("evaluate", old_eval(pretrained, OLD_VARIANTS[kind])) for kind in OLD_ZERO_SHOT]
 
-
-def test_make_repro_sespan_times_each_adapted_model_alone(stages):
-    """The old script timed a step of the model that `+experiment=sespan/adapt init_from=... <variant>
-    adapter=<recipe>` builds, on batches of its shape, one configuration at a time, with cpu_count // 2 threads."""
+def test_times_a_step_of_each_kind_at_8T_alone(stages):
     by_stage, runs = stages
-    ckpt = runs / "pretrain" / "checkpoints" / "last.ckpt"
-    commands = by_stage["timing"]
-    assert all(c.module == "hybridlm.train" and c.env["OMP_NUM_THREADS"] == str(HALF)
-               and hydra_value(c, c.args, "launcher.n_jobs") == 1 for c in commands)
-    jobs = [job for c in commands for job in sweep_jobs(c)]
-    expected = [(kind, adapter) for kind in OLD_VARIANTS for adapter in OLD_ADAPTERS]
-    assert len(jobs) == len(expected)
-    for job, (kind, adapter) in zip(jobs, expected):
-        new = effective("train", job)
-        # The old adaptation job's overrides add only logging and evaluation settings to the timed configuration.
-        old = effective("train", old_adapt(ckpt, kind, adapter))
-        assert new["explicit model keys"] == old["explicit model keys"]
-        for key in ("model", "adapter", "init_from", "optim"):
-            assert new["config"][key] == old["config"][key], (kind, adapter, key)
-        for key in ("seq_len", "batch_size"):
-            assert new["config"]["data"][key] == old["config"]["data"][key]
-        assert new["config"]["trainer"]["max_steps"] == 6 and new["config"]["trainer"]["log_every_n_steps"] == 1
+    (command,) = by_stage["timing"]
+    assert command.module == "hybridlm.train" and command.env["OMP_NUM_THREADS"] == str(HALF)
+    jobs = sweep_jobs(command)
+    assert all(hydra_value(command, job, "launcher.n_jobs") == 1 for job in jobs)
+    adapted = {(j["config"]["model"]["attn"]["kind"], j["config"]["adapter"]["name"]): j
+               for j in (effective("train", job) for _, job in fine_tuning_jobs(by_stage["adapt"]))}
+    timed = [effective("train", job) for job in jobs]
+    assert [(t["config"]["model"]["attn"]["kind"], t["config"]["adapter"]["name"]) for t in timed] == \
+        [(k, "hylora") for k in KINDS]
+    for t in timed:
+        key = (t["config"]["model"]["attn"]["kind"], "hylora")
+        for part in ("model", "adapter", "init_from", "optim"):
+            assert t["config"][part] == adapted[key]["config"][part], (key, part)
+        assert t["config"]["data"]["seq_len"] == 8 * 128 and t["config"]["trainer"]["max_steps"] == 6
 
 
-def test_make_repro_sespan_ends_with_the_reader(stages):
+def test_ends_with_the_reader(stages):
     by_stage, runs = stages
     (reader,) = by_stage["results"]
     assert reader.args[:4] == ["sespan", str(runs), "--out", "results/sespan"]
 
 
-# Small enough to run in a test: a tiny pretrained model, 3 adaptation steps at 256 tokens (hylora only), a small
-# evaluation grid, evaluated to 512 tokens.
+# Small enough to run in a test: a tiny pretrained model, 2 fine-tuning steps at 256 tokens, a small needle grid,
+# perplexity to 512 tokens.
 E2E_PRETRAIN_ARGS = ("model.d_model=32 model.ssm.d_state=16 model.ssm.headdim=16 model.ssm.chunk_size=16 "
                      "data.batch_size=2 data.val_batches=1 trainer.max_steps=2 trainer.val_check_interval=2 "
                      "trainer.limit_val_batches=1")
-E2E_ADAPT_ARGS = ("adapter=hylora data.seq_len=256 data.val_batches=1 trainer.max_steps=3 "
-                  "trainer.val_check_interval=3 trainer.limit_val_batches=1")
+E2E_ADAPT_ARGS = ("data.seq_len=256 data.val_batches=1 trainer.max_steps=2 trainer.val_check_interval=2 "
+                  "trainer.limit_val_batches=1")
 E2E_EVAL_ARGS = ("'eval.passkey_lengths=[192,256]' 'eval.passkey_depths=[0.0,1.0]' eval.passkey_samples=1 "
                  "eval.max_len=512 eval.n_sequences=2 eval.chunk_len=256 eval.batch_size=2 trainer.limit_val_batches=1")
 
 
 @pytest.mark.slow
 def test_make_repro_sespan_end_to_end(tmp_path):
-    """The real target, shrunk through its stage variables: every stage's Hydra runs, then the reader's table,
+    """The real target, shrunk through its stage variables: every stage's Hydra runs, then the reader's tables,
     checked against the jobs' own files."""
     runs, out = tmp_path / "runs", tmp_path / "out"
     stage_args = [f"PRETRAIN_ARGS={E2E_PRETRAIN_ARGS}", f"ADAPT_ARGS={E2E_ADAPT_ARGS}", f"EVAL_ARGS={E2E_EVAL_ARGS}"]
@@ -228,22 +235,43 @@ def test_make_repro_sespan_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "table.md").read_text()
     assert "FAILED" not in table
-    rows = {(r["attention"], r["adapter"]): r for r in json.loads((out / "results.json").read_text())["runs"]}
-    assert set(rows) == {(k, "none (pretrained)") for k in OLD_ZERO_SHOT} | {(k, "hylora") for k in OLD_VARIANTS}
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["attention"], r["adapter"]): r for r in results["runs"]}
+    assert list(rows) == [("none", "none"), *FINE_TUNED]
 
-    row = rows[("se_attn_c16", "hylora")]
-    adapt_dir = runs / "adapt_c16" / "se_attn+hylora"
+    row = rows[("se_attn", "hylora")]
+    adapt_dir = runs / "adapt" / "se_attn+hylora"
     result = json.loads((adapt_dir / "result.json").read_text())
     assert row["peak_rss_mb"] == result["resources"]["peak_rss_mb"] and result["resources"]["threads"] == HALF
     evals = [json.loads(p.read_text()) for p in (runs / "eval").glob("*/result.json")]
-    (eval_result,) = [r for r in evals if f"ckpt_path={adapt_dir / 'checkpoints' / 'last.ckpt'}" in r["overrides"]]
-    passkey = json.loads((Path(eval_result["out_dir"]) / "length_eval" / "passkey.json").read_text())
-    assert [[c["context_len"], c["depth"], c["accuracy"]] for c in row["passkey_cells"]] == passkey["rows"]
-    with open(runs / "timing_c16" / "se_attn+hylora" / "csv" / "metrics.csv") as f:
+    for attention, used in (("full", "full"), ("same", "se_attn")):
+        (ev,) = [r for r in evals if f"ckpt_path={adapt_dir / 'checkpoints' / 'last.ckpt'}" in r["overrides"]
+                 and f"eval.attention={attention}" in r["overrides"]]
+        report = Path(ev["out_dir"]) / "length_eval"
+        passkey = json.loads((report / "passkey.json").read_text())
+        assert passkey["meta"]["attention"] == used and passkey["meta"]["haystack"] == "text"
+        got = row["evals"][attention]
+        assert [[c["context_len"], c["depth"], c["accuracy"]] for c in got["needle_cells"]] == passkey["rows"]
+        with open(report / "loss_by_position_per_position.csv") as f:
+            loss = [float(r["mean_loss"]) for r in csv.DictReader(f)]
+        assert len(loss) == 511
+        for n in (128, 256, 512):  # T, 8T (= the fine-tuning length here), 16T
+            assert got["ppl"][str(n)] == round(math.exp(sum(loss[:n - 1]) / (n - 1)), 4)
+    with open(runs / "timing" / "se_attn+hylora" / "csv" / "metrics.csv") as f:
         rates = [float(r["train/tokens_per_s"]) for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
     assert row["step_seconds_isolated"] == round(min(2 * 256 / r for r in rates), 4)
-    line = next(line for line in table.splitlines() if line.startswith("| se_attn_c16 | hylora |"))
-    assert line.endswith(f"| {row['step_seconds_isolated']:.2f} | {result['resources']['peak_rss_mb']:.0f} |")
-    meta = json.loads((out / "results.json").read_text())["meta"]
+    meta = results["meta"]
     assert (meta["parallel"], meta["threads"], meta["eval_len"], meta["adapt_len"]) == (2, HALF, 512, 256)
+    assert meta["ppl_lengths"] == [128, 256, 512]
+    # Every pair of the paper's ordering is judged in both tables, and the needle target in both.
+    claims = [(o["table"], o["claim"]) for o in meta["orderings"]]
+    assert len(claims) == 2 * 4 + 2 and len(set(claims)) == len(claims)
+    verdicts = [o["reproduced"] for o in meta["orderings"]]
+    assert sum(table.count(f"**{v}**") for v in ("reproduced", "NOT reproduced", "undecided")) == len(claims)
+    for o in meta["orderings"]:  # recomputed from the cells / accuracies
+        if "cells" in o:
+            assert o["reproduced"] == all(c["ours"] == c["paper"] for c in o["cells"])
+        else:
+            assert o["reproduced"] == (o["se_attn"] >= 0.8 * o["full"] if o["full"] > 0 else None)
+    assert len(verdicts) == len(claims)
     assert (out / "figure.png").stat().st_size > 0

@@ -41,6 +41,8 @@ class LengthEvalCallback(Callback):
         if isinstance(model, HybridLM):  # an attention kind the model cannot run is refused before training
             check_eval_attention(model.cfg, self.cfg.attention)
         needs = sorted(SEQUENCE_DIAGNOSTICS & set(self.cfg.diagnostics))
+        if "passkey" in self.cfg.diagnostics and self.cfg.passkey_haystack == "text":
+            needs.append("passkey (eval.passkey_haystack=text)")
         if not needs or self.sequences is not None:
             return
         dm = trainer.datamodule

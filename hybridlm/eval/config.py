@@ -11,6 +11,7 @@ from hybridlm.validation import need
 LENGTH_DIAGNOSTICS = ("loss_by_position", "effrem", "state_norms", "passkey", "copy")
 DIAGNOSTICS = (*LENGTH_DIAGNOSTICS, "block_recall")
 COPY_MODES = ("teacher_forced", "greedy")
+PASSKEY_HAYSTACKS = ("neutral", "text")
 
 
 def recall_geometry(seq_len: int, chunk_size: int, block_size: int, top_k: int) -> None:
@@ -46,6 +47,8 @@ class EvalConfig:
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle depth in [0,1]
     passkey_samples: int = 4  # prompts (different keys) per grid cell
     passkey_digits: int = 5
+    # neutral: repeated neutral sentences; text: validation text (one window per sample), RULER's NIAH-single style
+    passkey_haystack: str = "neutral"
     copy_lengths: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # tokens to copy
     copy_samples: int = 16
     copy_mode: str = "teacher_forced"  # teacher_forced | greedy (token accuracy either way)
@@ -86,6 +89,8 @@ class EvalConfig:
         need(len(self.target_id_range) in (0, 2) and (not self.target_id_range or
                                                       0 <= self.target_id_range[0] < self.target_id_range[1]),
              "eval.target_id_range", f"must be empty or [lo, hi) with 0 <= lo < hi, got {list(self.target_id_range)}")
+        need(self.passkey_haystack in PASSKEY_HAYSTACKS, "eval.passkey_haystack",
+             f"must be one of {list(PASSKEY_HAYSTACKS)}, got {self.passkey_haystack!r}")
         need(self.copy_mode in COPY_MODES, "eval.copy_mode",
              f"must be one of {list(COPY_MODES)}, got {self.copy_mode!r}")
         need(self.copy_vocab_size == 0 or self.copy_vocab_size >= 3, "eval.copy_vocab_size",

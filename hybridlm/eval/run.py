@@ -100,9 +100,12 @@ def state_norms_diagnostic(model, seqs: Tensor, T: int, every: int, batch_size: 
                       meta={"every": every, "n_sequences": seqs.shape[0], "layers": r.layers})
 
 
-def passkey_diagnostic(model, tokenizer: Tokenizer, cfg: EvalConfig, chunk_len: int) -> Diagnostic:
+def passkey_diagnostic(model, tokenizer: Tokenizer, cfg: EvalConfig, chunk_len: int,
+                       haystacks: Tensor | None = None) -> Diagnostic:
+    """haystacks: (m, L) token windows, one per sample, for eval.passkey_haystack=text; None for neutral."""
     acc = passkey_grid(model, tokenizer, cfg.passkey_lengths, cfg.passkey_depths, cfg.passkey_samples, chunk_len,
-                       seed=cfg.seed, digits=cfg.passkey_digits)
+                       seed=cfg.seed, digits=cfg.passkey_digits,
+                       fillers=None if haystacks is None else haystacks.tolist())
 
     def plot(ax):
         im = ax.imshow(acc.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
@@ -120,6 +123,7 @@ def passkey_diagnostic(model, tokenizer: Tokenizer, cfg: EvalConfig, chunk_len: 
     return Diagnostic("passkey", ["context_len", "depth", "accuracy"], rows, plot,
                       scalars={"mean_accuracy": acc.mean().item(), "longest_accuracy": acc[-1].mean().item()},
                       meta={"samples_per_cell": cfg.passkey_samples, "digits": cfg.passkey_digits,
+                            "haystack": cfg.passkey_haystack,
                             "tokenizer": getattr(tokenizer, "name", type(tokenizer).__name__)})
 
 
@@ -242,7 +246,12 @@ def run_length_report(model, datamodule_or_sequences: Any, cfg: EvalConfig, out_
             elif name == "state_norms":
                 d = state_norms_diagnostic(model, seqs, T, cfg.state_norm_every or chunk, batch)
             elif name == "passkey":
-                d = passkey_diagnostic(model, tokenizer, cfg, chunk)
+                haystacks = None
+                if cfg.passkey_haystack == "text":
+                    haystacks, hay_source = sequences(max(cfg.passkey_lengths), "eval.passkey_lengths")
+                d = passkey_diagnostic(model, tokenizer, cfg, chunk, haystacks)
+                if haystacks is not None:
+                    d.meta["haystack_source"] = hay_source
             elif name == "block_recall":
                 recall_seqs, recall_source = sequences(recall_len, "eval.recall_seq_len", exact=True)
                 d = block_recall_diagnostic(model, recall_seqs, cfg, recall_chunk)

@@ -2,7 +2,9 @@
 
 - passkey: accuracy on a (context length x needle depth) grid with the data module's `passkey_prompt`; each
   prompt is exactly `context length` tokens; the answer is decoded greedily token by token; a sample counts as
-  correct when every answer token matches (exact match of the key).
+  correct when every answer token matches (exact match of the key). The haystack is neutral sentences or, given
+  `fillers` (e.g. validation text windows), text: a key-value sentence hidden at a depth in text and asked at the
+  end, as RULER's single-needle task (NIAH-single).
 - copy: `copy_row` rows (L random ids in [1, V-1), separator V-1, the same ids again); accuracy is the share of
   copied tokens predicted correctly, either teacher-forced (argmax at each copy position given the true prefix) or
   greedy (the model decodes the whole copy from its own outputs).
@@ -29,15 +31,20 @@ def _check_vocab(model, max_id: int, what: str) -> None:
 @torch.no_grad()
 def passkey_grid(model, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float], n_samples: int,
                  chunk_len: int, seed: int = 0, digits: int = 5,
-                 filler: str | Sequence[int] | None = None) -> Tensor:
-    """Exact-match accuracy, (len(lengths), len(depths)) float64 in [0, 1]."""
+                 filler: str | Sequence[int] | None = None,
+                 fillers: Sequence[Sequence[int]] | None = None) -> Tensor:
+    """Exact-match accuracy, (len(lengths), len(depths)) float64 in [0, 1]. `fillers`: one haystack of token ids
+    per sample (sample k of every cell uses fillers[k % len(fillers)]), replacing `filler`."""
+    if fillers is not None and not fillers:
+        raise ValueError("passkey: fillers is empty")
     acc = torch.zeros(len(lengths), len(depths), dtype=torch.float64)
     rng = np.random.default_rng(seed)
     for i, length in enumerate(lengths):
         for j, depth in enumerate(depths):
             try:
-                prompts = [passkey_prompt(tokenizer, int(length), float(depth), rng=rng, filler=filler, digits=digits)
-                           for _ in range(n_samples)]
+                prompts = [passkey_prompt(tokenizer, int(length), float(depth), rng=rng, digits=digits,
+                                          filler=filler if fillers is None else fillers[k % len(fillers)])
+                           for k in range(n_samples)]
             except ValueError as e:
                 raise ValueError(f"eval.passkey_lengths: {e}") from e
             ids = torch.tensor([p.input_ids for p in prompts])  # (n, length)

@@ -120,7 +120,7 @@ def files(tmp_path_factory):
     ("nope.ckpt", "no such file or directory; give a hybridlm .ckpt file"),
     ("truncated.ckpt", "is truncated or corrupt (torch.load(weights_only=True) raised RuntimeError: "
                        "PytorchStreamReader failed reading zip archive"),
-    ("text.ckpt", "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"),
+    ("text.ckpt", "is truncated or corrupt (not a PyTorch file: neither a zip archive nor a pickle)"),
     ("empty_dir", "no config.json; expected a mamba_ssm or transformers checkpoint directory"),
     ("no_weights", "no weights file (looked for model.safetensors"),
 ])
@@ -136,7 +136,7 @@ def test_bad_checkpoint_names_the_key_and_file(tmp_path, files, name, expected):
 @pytest.mark.parametrize("name,expected", [
     ("nope.ckpt", "does not exist"),
     ("truncated.ckpt", "is truncated or corrupt"),
-    ("text.ckpt", "is not a PyTorch checkpoint"),
+    ("text.ckpt", "not a PyTorch file"),
 ])
 def test_bad_resume_checkpoint_names_the_key_and_file(tmp_path, files, name, expected):
     line = check_line(train_error(tmp_path, [f"resume={files / name}"]), ConfigError,
@@ -271,7 +271,8 @@ def test_evaluate_command_missing_checkpoint(tmp_path):
 
 def test_export_command_not_a_checkpoint(tmp_path, files):
     proc = run_command("hybridlm.export", [f"ckpt_path={files / 'text.ckpt'}", f"out={tmp_path / 'out'}"], tmp_path)
-    assert_one_line(proc, f"hybridlm: checkpoint error: checkpoint {files / 'text.ckpt'} is not a PyTorch")
+    assert_one_line(proc, f"hybridlm: checkpoint error: checkpoint {files / 'text.ckpt'} is truncated or corrupt",
+                    "(not a PyTorch file")
 
 
 @pytest.mark.slow

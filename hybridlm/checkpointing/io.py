@@ -52,9 +52,9 @@ def _diagnosis(path: Path, e: Exception) -> str:
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        return "is empty"
+        return "is truncated or corrupt (the file is empty)"
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save writes a zip, or a pickle
-        return "is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+        return "is truncated or corrupt (not a PyTorch file: neither a zip archive nor a pickle)"
     unpickler = re.search(r"WeightsUnpickler error:\s*(.*?)\s*Check the documentation", str(e), re.S)
     detail = unpickler.group(1) if unpickler else str(e)
     first_sentence = " ".join(detail.split()).split(". ")[0].rstrip(".")

@@ -8,6 +8,7 @@ the functions, so that conftest does not import triton before tests/kernels/conf
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
@@ -24,15 +25,17 @@ CONF = REPO / "conf"
 
 # ------------------------------------------------------------------------------------------- tiny models
 
-def tiny_model_config(pattern: str = "MAM", *, d_model: int = 32, vocab_size: int = 50,
-                      attn: AttentionConfig | None = None, d_intermediate: int = 0, **ssm) -> ModelConfig:
-    """A ModelConfig small enough for a CPU test: Mamba-2 layers with d_state 8, headdim 8 and chunks of 8 unless
-    `ssm` says otherwise (any SSMConfig field); full attention with 4 heads unless `attn` is given."""
+def tiny_model_config(pattern: str = "MAM", *, attn: AttentionConfig | None = None, **fields) -> ModelConfig:
+    """A ModelConfig small enough for a CPU test. `fields`: any ModelConfig field (d_model 32 and vocab_size 50
+    unless given) or SSMConfig field (d_state 8, headdim 8 and chunk_size 8 unless given); full attention with 4
+    heads unless `attn` is given."""
     from hybridlm.models import AttentionConfig, ModelConfig, SSMConfig
 
-    return ModelConfig(d_model=d_model, layer_pattern=pattern, vocab_size=vocab_size, d_intermediate=d_intermediate,
-                       ssm=SSMConfig(**{"d_state": 8, "headdim": 8, "chunk_size": 8, **ssm}),
-                       attn=attn or AttentionConfig(kind="full", num_heads=4))
+    ssm_names = {f.name for f in dataclasses.fields(SSMConfig)}
+    ssm = {"d_state": 8, "headdim": 8, "chunk_size": 8, **{k: v for k, v in fields.items() if k in ssm_names}}
+    model = {"d_model": 32, "vocab_size": 50, **{k: v for k, v in fields.items() if k not in ssm_names}}
+    attn = attn or AttentionConfig(kind="full", num_heads=4)
+    return ModelConfig(layer_pattern=pattern, ssm=SSMConfig(**ssm), attn=attn, **model)
 
 
 def tiny_model(pattern: str = "MAM", *, seed: int = 0, dtype: torch.dtype = torch.float32, perturb: float = 0.1,

@@ -21,8 +21,9 @@ wheel-check:
 train:
 	$(PY) -m hybridlm.train $(ARGS)
 
+# The default suite (not slow; CPU-fast) lists its 15 slowest tests, so a new slow one shows.
 test:
-	$(PY) -m pytest -q -x --timeout=600 $(ARGS)
+	$(PY) -m pytest -q -x --timeout=600 --durations=15 $(ARGS)
 
 test-all:
 	$(PY) -m pytest -q -m "" --timeout=1800 $(ARGS)

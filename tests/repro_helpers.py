@@ -11,16 +11,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+from helpers import REPO, compose_config
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from hybridlm.config import register_configs
 from hybridlm.runner import explicit_model_keys
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 VENV = Path(sys.executable).parent.parent  # the Makefile's PY is $(VENV)/bin/python
 CKPT_LIST = re.compile(r"\$\(ls (\S+) \| paste -sd, -\)")  # the shell's list of checkpoints in a recipe
 
@@ -61,9 +58,7 @@ def compose_cfg(config_name: str, overrides: list[str], hydra_config: bool = Fal
 
 @functools.cache  # the tests compose the same jobs several times; nothing mutates the result
 def _compose(config_name: str, overrides: tuple[str, ...], hydra_config: bool):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_config)
+    return compose_config(config_name, overrides, hydra_config=hydra_config)
 
 
 def sweep_jobs(command: Command) -> list[list[str]]:

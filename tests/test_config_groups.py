@@ -1,14 +1,11 @@
 """The option files of conf/: each composes into a valid config, and each sets only what differs from the
 structured config's defaults (hybridlm/config.py and the dataclasses it names), so every default has one home."""
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import CONF
 from omegaconf import OmegaConf
 
-from hybridlm.config import Config, register_configs, to_config
+from hybridlm.config import Config, to_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "model/attention", "data", "intervention", "adapter", "backend", "trainer", "optim", "logger",
           "checkpoint", "eval"]
 OPTIONS = [f"{g}={p.stem}" for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
@@ -38,10 +35,8 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize("option", OPTIONS)
-def test_every_group_option_composes_and_validates(option):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = OmegaConf.structured(to_config(compose("train", overrides=[option, *MISSING.get(option, [])])))
+def test_every_group_option_composes_and_validates(option, compose_config):
+    cfg = OmegaConf.structured(to_config(compose_config("train", [option, *MISSING.get(option, [])])))
     group, _, name = option.partition("=")
     selected = _leaves(OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml")))
     for key in set(SELECTORS.get(group, ())) & set(selected):  # the option selects what it says

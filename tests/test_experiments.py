@@ -6,35 +6,30 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from helpers import CONF, TINY_MODEL, TWO_STEPS, compose_config
 from repro_helpers import VENV, effective, hydra_value, make_commands, sweep_jobs
 
-from hybridlm.config import register_configs, to_config
+from hybridlm.config import to_config
 from hybridlm.runner import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 # The files `make repro-*` runs (*/repro.yaml, */repro/*.yaml) add launcher and logging settings to the files they
 # include; their jobs are composed and compared with those files' jobs in test_make_repro_* below.
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
                      for p in (CONF / "experiment").rglob("*.yaml") if "repro" not in (p.stem, p.parent.name))
 # Shrink whatever the experiment sets, keeping its structure (layer pattern, intervention, data mode, adapter).
-TINY = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.ssm.chunk_size=16",
-        "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2",
-        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+TINY = [*TINY_MODEL, "model.ssm.chunk_size=16", "data.seq_len=32", *TWO_STEPS, "trainer.enable_progress_bar=false",
         "logger=csv", "eval.every_n_val=0", "eval.at_fit_end=false", "checkpoint.save_best=false"]
 # Experiments that continue a trained model (`required: [init_from]`), and the experiment that trains it.
 STARTS_FROM = {"lengthgen/post_train": "lengthgen/baseline", "sespan/adapt": "sespan/pretrain"}
 
 
 def compose_experiment(name, extra=()):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"+experiment={name}", *TINY, *extra])
-        syn = cfg.data.synthetic
-        if syn.task == "passkey" and (cfg.data.source == "synthetic" or cfg.data.mix_prob > 0):
-            # passkey rows need room for the needle, question and answer (79 byte tokens): rows of 96 here
-            cfg = compose("train", overrides=[f"+experiment={name}", *TINY, "data.seq_len=96", *extra])
-        return cfg
+    cfg = compose_config("train", [f"+experiment={name}", *TINY, *extra])
+    syn = cfg.data.synthetic
+    if syn.task == "passkey" and (cfg.data.source == "synthetic" or cfg.data.mix_prob > 0):
+        # passkey rows need room for the needle, question and answer (79 byte tokens): rows of 96 here
+        cfg = compose_config("train", [f"+experiment={name}", *TINY, "data.seq_len=96", *extra])
+    return cfg
 
 
 def test_there_are_experiments():
@@ -82,21 +77,16 @@ LENGTHGEN_ARMS = {"baseline": "none", "random_noise": "random_noise", "fitted_no
 def test_a_lengthgen_arm_file_is_the_sweep_with_its_intervention(arm):
     """`+experiment=lengthgen/sweep intervention=X` (the sweep's jobs) trains exactly what the arm file does;
     tbtt gets its contiguous rows from data.stream_mode=auto, the others random windows."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        from_file = to_config(compose("train", overrides=[f"+experiment=lengthgen/{arm}"]))
-        from_sweep = to_config(compose("train", overrides=["+experiment=lengthgen/sweep",
-                                                           f"intervention={LENGTHGEN_ARMS[arm]}"]))
+    from_file = to_config(compose_config("train", [f"+experiment=lengthgen/{arm}"]))
+    from_sweep = to_config(compose_config("train", ["+experiment=lengthgen/sweep",
+                                                    f"intervention={LENGTHGEN_ARMS[arm]}"]))
     assert from_file == from_sweep
     assert from_file.data.stream_mode == ("contiguous" if arm == "tbtt" else "random")
     assert from_file.intervention.name == LENGTHGEN_ARMS[arm] and from_file.intervention.sigma == 0.1
 
 
 def test_an_explicit_stream_mode_is_kept_and_checked():
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["+experiment=lengthgen/sweep", "intervention=tbtt",
-                                          "data.stream_mode=random"])
+    cfg = compose_config("train", ["+experiment=lengthgen/sweep", "intervention=tbtt", "data.stream_mode=random"])
     with pytest.raises(ValueError, match="^data.stream_mode: intervention=tbtt needs data.stream_mode=contiguous"):
         to_config(cfg)
 

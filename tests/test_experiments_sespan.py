@@ -12,41 +12,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import CONF, REPO, TINY_MODEL, TWO_STEPS
 from repro_helpers import VENV, effective, hydra_value, job_dir, make_commands, sweep_jobs
 
 from hybridlm.checkpointing.io import load_checkpoint_file
-from hybridlm.config import register_configs
 from hybridlm.data.synthetic import passkey_prompt
 from hybridlm.data.tokenizers import ByteTokenizer
 from hybridlm.results.sespan import key_placement
 from hybridlm.runner import evaluate, explicit_model_keys, train
 
-REPO = Path(__file__).resolve().parents[1]
-CONF = REPO / "conf"
 FILES = sorted(p.stem for p in (CONF / "experiment" / "sespan").glob("*.yaml"))
 # Passkey rows need room for the needle, question and answer (79 byte tokens), so rows are 96 tokens here.
-TINY_MODEL = ["model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.ssm.chunk_size=16",
-              "model.attn.window=32"]
-TINY_RUN = ["data.batch_size=2", "data.val_batches=1", "trainer.max_steps=2", "trainer.val_check_interval=2",
-            "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-            "logger=csv"]
+TINY_SESPAN_MODEL = [*TINY_MODEL, "model.ssm.chunk_size=16", "model.attn.window=32"]
+TINY_SESPAN_RUN = [*TWO_STEPS, "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "logger=csv"]
 TINY_EVAL = ["eval.passkey_lengths=[96,192]", "eval.passkey_depths=[0.0,1.0]", "eval.passkey_samples=1",
              "eval.max_len=192", "eval.n_sequences=2", "eval.chunk_len=64", "eval.batch_size=2"]
-
-
-def compose_cfg(config_name, overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name, overrides=overrides)
 
 
 def test_the_files_under_test_are_the_experiment():
     assert FILES == ["adapt", "eval", "pretrain"]
 
 
-def test_pretrain_adapt_evaluate(tmp_path):
-    pre_cfg = compose_cfg("train", ["+experiment=sespan/pretrain", *TINY_MODEL, *TINY_RUN, "data.seq_len=96"])
+def test_pretrain_adapt_evaluate(tmp_path, compose_config):
+    pre_cfg = compose_config("train", ["+experiment=sespan/pretrain", *TINY_SESPAN_MODEL, *TINY_SESPAN_RUN,
+                                       "data.seq_len=96"])
     assert pre_cfg.model.layer_pattern == "MMAM" and pre_cfg.model.attn.kind == "swa"
     assert pre_cfg.data.mix_prob > 0 and pre_cfg.data.synthetic.task == "passkey"
     pre = train(pre_cfg, tmp_path / "pretrain", set())
@@ -57,8 +46,8 @@ def test_pretrain_adapt_evaluate(tmp_path):
     se = ["model/attention=se_attn", "model.attn.chunk_sizes=[32,64]", "model.attn.block_size=8",
           "model.attn.top_k=2"]
     overrides = ["+experiment=sespan/adapt", f"init_from={pre['checkpoint']}", *se, "adapter=hylora",
-                 *TINY_RUN, "data.seq_len=96", *TINY_EVAL]
-    adapt_cfg = compose_cfg("train", overrides)
+                 *TINY_SESPAN_RUN, "data.seq_len=96", *TINY_EVAL]
+    adapt_cfg = compose_config("train", overrides)
     assert adapt_cfg.model.d_model == 128 and adapt_cfg.eval.at_fit_end
     adapted = train(adapt_cfg, tmp_path / "adapt", explicit_model_keys(overrides))
     stored = load_checkpoint_file(adapted["checkpoint"])
@@ -73,7 +62,7 @@ def test_pretrain_adapt_evaluate(tmp_path):
 
     ev_overrides = ["+experiment=sespan/eval", f"ckpt_path={adapted['checkpoint']}", *TINY_EVAL,
                     "trainer.enable_progress_bar=false"]
-    result = evaluate(compose_cfg("evaluate", ev_overrides), tmp_path / "eval", ev_overrides)
+    result = evaluate(compose_config("evaluate", ev_overrides), tmp_path / "eval", ev_overrides)
     assert 0.0 <= result["metrics"]["length_eval/passkey/mean_accuracy"] <= 1.0
     per_position = (Path(result["report"]) / "loss_by_position_per_position.csv").read_text().splitlines()
     assert len(per_position) == 1 + 191  # header + one row per position of a 192-token window

@@ -7,33 +7,26 @@ sequence at every step (no state at all).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import TINY_MODEL, TWO_STEPS, compose_config, tiny_model
 
 from hybridlm.checkpointing.io import CheckpointError
 from hybridlm.convert import export, load_state_dict_checked, read_checkpoint
 from hybridlm.generate import generate, run, state_nbytes, token_stream
-from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
-from hybridlm.runner import CONF_DIR, ConfigError
+from hybridlm.models import AttentionConfig, HybridLM
+from hybridlm.runner import ConfigError
 from hybridlm.sampling import check_sampling, filter_logits, next_token
 
 VOCAB = 50
 
 
-def tiny_model(pattern: str, attn: AttentionConfig | None = None, vocab: int = VOCAB, seed: int = 0) -> HybridLM:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=32, layer_pattern=pattern, vocab_size=vocab,
-                      ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8),
-                      attn=attn or AttentionConfig(kind="full", num_heads=4))
-    model = HybridLM(cfg)
-    with torch.no_grad():  # non-trivial dt, D and norms, and logits far from uniform, so argmax ties are unlikely
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
+def sharp_model(pattern: str, attn: AttentionConfig | None = None, vocab: int = VOCAB, seed: int = 0) -> HybridLM:
+    """The shared tiny model (non-trivial dt, D and norms) with logits far from uniform, so argmax ties are
+    unlikely."""
+    model = tiny_model(pattern, attn=attn, vocab_size=vocab, seed=seed)
+    with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.eval()
 
@@ -107,7 +100,7 @@ ATTENTION = {
 
 @pytest.mark.parametrize("kind", sorted(ATTENTION))
 def test_greedy_streaming_equals_rereading_the_sequence(kind):
-    model = tiny_model("MAMA", ATTENTION[kind])
+    model = sharp_model("MAMA", ATTENTION[kind])
     prompt = torch.randint(0, VOCAB, (11,), generator=torch.Generator().manual_seed(2)).tolist()
     ref_tokens, ref_logits = greedy_by_rereading(model, prompt, 30)  # 41 tokens: several windows and chunks
     assert generate(model, prompt, 30, temperature=0.0).tokens == [ref_tokens]
@@ -124,7 +117,7 @@ def test_greedy_streaming_equals_rereading_the_sequence(kind):
 
 
 def test_samples_share_the_prompt_pass_and_match_rereading_with_the_same_draws():
-    model = tiny_model("MAMA", ATTENTION["swa"])
+    model = sharp_model("MAMA", ATTENTION["swa"])
     prompt = [3, 14, 15, 9, 26]
     got = generate(model, prompt, 12, num_samples=3, temperature=0.9, top_k=20, top_p=0.9,
                    generator=torch.Generator().manual_seed(5)).tokens
@@ -140,7 +133,7 @@ def test_samples_share_the_prompt_pass_and_match_rereading_with_the_same_draws()
 
 
 def test_a_sample_stops_at_the_stop_token():
-    model = tiny_model("MAM")
+    model = sharp_model("MAM")
     prompt = [1, 2, 3]
     full = generate(model, prompt, 20, temperature=0.0).tokens[0]
     stop = full[6]
@@ -151,7 +144,7 @@ def test_a_sample_stops_at_the_stop_token():
 @pytest.mark.parametrize("kind", ["swa", "full"])
 def test_attention_cache_is_bounded_by_the_window_and_full_attention_keeps_every_key(kind):
     window = 8
-    model = tiny_model("MA", AttentionConfig(kind=kind, num_heads=4, window=window))
+    model = sharp_model("MA", AttentionConfig(kind=kind, num_heads=4, window=window))
     prompt = [5, 6, 7]
     for step, (_, state) in enumerate(token_stream(model, torch.tensor([prompt]), lambda x: x.argmax(-1))):
         attn = state[1]
@@ -164,7 +157,7 @@ def test_attention_cache_is_bounded_by_the_window_and_full_attention_keeps_every
 
 def test_mamba_only_state_has_a_constant_size():
     """Per-token cost of a Mamba-2 layer does not grow with position: what it carries is the same at every step."""
-    model = tiny_model("MMM")
+    model = sharp_model("MMM")
     zero = model.zero_state(1)
     shapes = [{k: v.shape for k, v in s.items()} for s in zero]
     for step, (_, state) in enumerate(token_stream(model, torch.tensor([[1, 2, 3, 4, 5]]), lambda x: x.argmax(-1))):
@@ -208,13 +201,8 @@ def test_greedy_on_an_hf_mamba2_dir_equals_transformers_generate(tmp_path):
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import hybridlm.generate  # noqa: F401  registers generate_schema
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("generate", overrides=list(overrides))
+    """conf/generate.yaml with `overrides` (hybridlm.generate, imported above, registered its schema)."""
+    return compose_config("generate", overrides)
 
 
 def save_bpe_tokenizer(directory, vocab: int) -> None:
@@ -250,7 +238,7 @@ def test_run_on_an_hf_mamba2_dir_uses_its_tokenizer(tmp_path, capsys):
 
 
 def test_run_on_a_mamba_ssm_dir_without_tokenizer_uses_bytes(tmp_path, capsys, caplog):
-    model = tiny_model("MAM", AttentionConfig(kind="full", num_heads=4, num_heads_kv=2), vocab=257)
+    model = sharp_model("MAM", AttentionConfig(kind="full", num_heads=4, num_heads_kv=2), vocab=257)
     export(model, model.cfg, tmp_path / "ms", format="mamba_ssm")
     record = run(compose(f"ckpt_path={tmp_path / 'ms'}", "prompt=ab", "max_new_tokens=9", "temperature=0",
                          "stop_at_eod=false", "num_samples=2"))
@@ -293,16 +281,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------ command line
 
-def run_module(module: str, args: list[str], cwd, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def test_cli_bad_input_ends_in_one_line(tmp_path):
-    proc = run_module("hybridlm.generate", [f"ckpt_path={tmp_path / 'none.ckpt'}", "prompt=a"], tmp_path)
+def test_cli_bad_input_ends_in_one_line(tmp_path, run_cli):
+    proc = run_cli("hybridlm.generate", [f"ckpt_path={tmp_path / 'none.ckpt'}", "prompt=a"], check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"hybridlm: checkpoint error: {tmp_path / 'none.ckpt'}: no such file or directory"), last
@@ -310,19 +290,30 @@ def test_cli_bad_input_ends_in_one_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
 
 
+def test_cli_generates_from_an_exported_checkpoint(tmp_path, run_cli):
+    """The entry point end to end on a checkpoint written here (the slow test below trains one through the CLI)."""
+    model = sharp_model("MAM", AttentionConfig(kind="full", num_heads=4, num_heads_kv=2), vocab=257)
+    export(model, model.cfg, tmp_path / "ms", format="mamba_ssm")
+    out = tmp_path / "gen.jsonl"
+    proc = run_cli("hybridlm.generate", [f"ckpt_path={tmp_path / 'ms'}", "prompt=ab", "max_new_tokens=9",
+                                         "temperature=0", "stop_at_eod=false", f"out={out}"])
+    new = greedy_by_rereading(model, [97, 98], 9)[0]
+    assert proc.stdout == bytes([97, 98] + [t for t in new if t < 256]).decode("utf-8", errors="replace") + "\n"
+    record = json.loads(out.read_text())
+    assert record["format"] == "mamba_ssm" and record["tokenizer"] == "byte" and record["new_tokens"] == [9]
+
+
 @pytest.mark.slow
-def test_cli_on_a_trained_checkpoint(tmp_path):
+def test_cli_on_a_trained_checkpoint(tmp_path, run_cli):
     run_dir = tmp_path / "run"
-    train = run_module("hybridlm.train", [
-        "model.d_model=32", "model.ssm.d_state=16", "model.ssm.headdim=16", "model.attn.window=16",
-        "data.seq_len=32", "data.batch_size=2", "data.val_batches=1", "trainer.limit_val_batches=1",
-        "trainer.max_steps=2", "trainer.val_check_interval=2", "logger=csv", f"hydra.run.dir={run_dir}"], tmp_path)
+    train = run_cli("hybridlm.train", [*TINY_MODEL, "model.attn.window=16", "data.seq_len=32", *TWO_STEPS, "logger=csv",
+                                       f"hydra.run.dir={run_dir}"], check=False)
     assert train.returncode == 0, train.stderr[-3000:]
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     out = tmp_path / "gen.jsonl"
     # Hydra trims unquoted values: quotes keep the prompt's trailing space.
-    proc = run_module("hybridlm.generate", [f"ckpt_path={ckpt}", 'prompt="def "', "max_new_tokens=40",
-                                            "temperature=0", "stop_at_eod=false", f"out={out}"], tmp_path)
+    proc = run_cli("hybridlm.generate", [f"ckpt_path={ckpt}", 'prompt="def "', "max_new_tokens=40",
+                                         "temperature=0", "stop_at_eod=false", f"out={out}"], check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loaded = read_checkpoint(ckpt)
     model = HybridLM(loaded.cfg)
@@ -331,6 +322,7 @@ def test_cli_on_a_trained_checkpoint(tmp_path):
     assert proc.stdout == bytes(list(b"def ") + [t for t in new if t < 256]).decode("utf-8", "replace") + "\n"
     record = json.loads(out.read_text())
     assert record["format"] == "hybridlm" and record["tokenizer"] == "byte" and record["new_tokens"] == [40]
-    sampled = run_module("hybridlm.generate", [f"ckpt_path={ckpt}", "prompt=", "max_new_tokens=8", "top_k=20",
-                                               "top_p=0.9", "temperature=0.8", "seed=3", "num_samples=2"], tmp_path)
+    sampled = run_cli("hybridlm.generate", [f"ckpt_path={ckpt}", "prompt=", "max_new_tokens=8", "top_k=20",
+                                            "top_p=0.9", "temperature=0.8", "seed=3", "num_samples=2"],
+                      check=False)
     assert sampled.returncode == 0 and sampled.stdout.count("--- sample") == 2, sampled.stderr[-3000:]

@@ -9,74 +9,36 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from helpers import TINY_RUN, csv_rows, per_step, popen_cli, train_in_process
 from lightning.pytorch.callbacks import Callback
-from test_cli import TINY, run_train
 
-from hybridlm import runner
 from hybridlm.checkpointing.callbacks import collect_rng_states, restore_rng_states
 from hybridlm.checkpointing.io import load_checkpoint_file
 from hybridlm.checkpointing.resume import run_identity
-from hybridlm.config import register_configs
 from hybridlm.loggers import ResumableCSVLogger, truncate_csv_log
 
 STEPS = 24
-RUN = [*TINY, "logger=csv", "trainer.enable_progress_bar=false", "experiment_name=exp", f"trainer.max_steps={STEPS}",
-       "checkpoint.every_n_steps=4", "trainer.val_check_interval=5"]
+RUN = [*TINY_RUN, "logger=csv", "trainer.enable_progress_bar=false", "experiment_name=exp",
+       f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=4", "trainer.val_check_interval=5"]
 INTERVENTIONS = {
     "none": ["intervention=none"],
     "state_passing": ["intervention=state_passing", "intervention.reset_prob=0.25"],  # also uses its own RNG
     "tbtt": ["intervention=tbtt", "data.stream_mode=contiguous"],
 }
+# Each case runs three 24-step processes (~1.5 min on a loaded 2-core machine). state_passing exercises everything
+# `none` does (model, optimizer, schedule, data position, global RNGs) plus callback state with its own RNG: the
+# default suite runs it; `none` and tbtt (contiguous rows) are slow.
+SIGKILL_CASES = [pytest.param("none", marks=pytest.mark.slow), pytest.param("state_passing"),
+                 pytest.param("tbtt", marks=pytest.mark.slow)]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-def compose_train_config(overrides):
-    register_configs()
-    with initialize_config_dir(config_dir=str(runner.CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*TINY, "logger=csv", "trainer.enable_progress_bar=false", *overrides])
-
-
-def train_in_process(run_dir, overrides, monkeypatch=None, extra_callbacks=()):
-    """runner.train as `python -m hybridlm.train` calls it, optionally with test callbacks appended."""
-    if extra_callbacks:
-        build = runner.build_callbacks
-        monkeypatch.setattr(runner, "build_callbacks", lambda cfg, d: build(cfg, d) + list(extra_callbacks))
-    return runner.train(compose_train_config(overrides), Path(run_dir))
-
-
-def csv_rows(run_dir):
-    with open(Path(run_dir) / "csv" / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def per_step(rows, key):
-    """{step: value string} for the rows that logged `key`; each step must appear once."""
-    out = {}
-    for r in rows:
-        if r.get(key):
-            assert int(r["step"]) not in out, f"step {r['step']} logged twice for {key}"
-            out[int(r["step"])] = r[key]
-    return out
-
-
-def popen_train(args, cwd, log_file, group=False):
-    """`python -m hybridlm.train args`; group=True: in a session of its own, so os.killpg(proc.pid) reaches every
-    process it starts (the DDP ranks)."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
-    env.pop("WANDB_API_KEY", None)
-    return subprocess.Popen([sys.executable, "-m", "hybridlm.train", *args], cwd=cwd, env=env,
-                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=group)
-
 
 def logged_steps(run_dir):
     path = Path(run_dir) / "csv" / "metrics.csv"
@@ -91,7 +53,7 @@ def kill_after_checkpoint(args, run_dir, cwd, step, timeout=120, group=False):
     as a node preemption does: killing rank 0 alone would leave rank 1 waiting in a collective)."""
     out_path = cwd / f"{Path(run_dir).name}.out"
     with open(out_path, "w") as out:
-        proc = popen_train([*args, f"hydra.run.dir={run_dir}"], cwd, out, group)
+        proc = popen_cli("hybridlm.train", [*args, f"hydra.run.dir={run_dir}"], cwd, out, new_session=group)
         ckpt = Path(run_dir) / "checkpoints" / f"step{step:06d}.ckpt"
         deadline = time.time() + timeout
         try:
@@ -129,11 +91,11 @@ def assert_same_final_state(ref_dir, run_dir, steps):
 
 # -------------------------------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("name", list(INTERVENTIONS))
-def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
+@pytest.mark.parametrize("name", SIGKILL_CASES)
+def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, run_cli, name):
     args = [*RUN, *INTERVENTIONS[name]]
     ref_dir = tmp_path / "ref" / "exp" / "run"
-    run_train([*args, f"hydra.run.dir={ref_dir}"], tmp_path)
+    run_cli("hybridlm.train", [*args, f"hydra.run.dir={ref_dir}"])
 
     crashed = tmp_path / "out" / "exp" / "run1"
     kill_after_checkpoint(args, crashed, tmp_path, step=8)
@@ -141,7 +103,7 @@ def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
     resumed_from, _, _ = model_and_optimizer(crashed / "checkpoints" / "last.ckpt")
     assert 8 <= resumed_from < STEPS and killed_at >= resumed_from
 
-    proc = run_train([*args, "resume=auto", f"hydra.run.dir={tmp_path / 'out' / 'exp' / 'run2'}"], tmp_path)
+    proc = run_cli("hybridlm.train", [*args, "resume=auto", f"hydra.run.dir={tmp_path / 'out' / 'exp' / 'run2'}"])
     assert f"continuing from {crashed / 'checkpoints'}" in (tmp_path / "out" / "exp" / "run2" / "train.log").read_text()
     assert str(crashed) in proc.stdout.strip().splitlines()[-1]  # the run went on in its own directory
 
@@ -155,14 +117,15 @@ def test_sigkill_and_resume_auto_is_bitwise_identical(tmp_path, name):
           f"{STEPS} train losses bitwise equal")
 
 
-def test_resume_auto_in_a_multirun_continues_each_jobs_own_run(tmp_path):
+@pytest.mark.slow
+def test_resume_auto_in_a_multirun_continues_each_jobs_own_run(tmp_path, run_cli):
     """A killed sweep relaunched with resume=auto (and more steps): every job continues the earlier job with its
     own overrides, in that job's directory, and the new sweep's summary still lists every job."""
     root = tmp_path / "multirun" / "exp"
-    sweep = ["-m", *TINY, "logger=csv", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2",
+    sweep = ["-m", *TINY_RUN, "logger=csv", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=2",
              "trainer.val_check_interval=2", "intervention=none,state_passing"]
-    run_train([*sweep, "trainer.max_steps=2", f"hydra.sweep.dir={root / 's1'}"], tmp_path)
-    run_train([*sweep, "trainer.max_steps=4", "resume=auto", f"hydra.sweep.dir={root / 's2'}"], tmp_path)
+    run_cli("hybridlm.train", [*sweep, "trainer.max_steps=2", f"hydra.sweep.dir={root / 's1'}"])
+    run_cli("hybridlm.train", [*sweep, "trainer.max_steps=4", "resume=auto", f"hydra.sweep.dir={root / 's2'}"])
     for job, intervention in enumerate(["none", "state_passing"]):
         ckpt = load_checkpoint_file(root / "s1" / str(job) / "checkpoints" / "last.ckpt")
         assert ckpt["global_step"] == 4

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import csv_rows, per_step, train_in_process
 from lightning.pytorch.callbacks import Callback
-from test_resume import csv_rows, per_step, train_in_process
 
 from hybridlm import runner
 from hybridlm.checkpointing.io import CheckpointError, load_checkpoint_file

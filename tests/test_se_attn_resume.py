@@ -1,8 +1,8 @@
 """The chunk sizes the paper's SE-Attn draws in training (torch's global CPU generator, reseeded per batch by the
 RunStateCallback) survive a resume: an in-process run resumed from its step-4 checkpoint draws, at every later
 step and in every SE-Attn layer, the sizes the uninterrupted run drew."""
+from helpers import train_in_process
 from lightning.pytorch.callbacks import Callback
-from test_resume import train_in_process
 
 SE_ATTN = ["model/attention=se_attn", "model.layer_pattern=MAMA", "model.attn.chunk_sizes=[4,8,16]",
            "model.attn.block_size=4", "model.attn.top_k=2"]

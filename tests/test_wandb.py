@@ -1,6 +1,7 @@
 """W&B never kills a run, and a resumed run continues the same W&B run. Each scenario runs in its own
 subprocess: W&B keeps per-process global state (settings, service, a joined asyncio manager after teardown),
-so in-process scenarios would leak into each other."""
+so in-process scenarios would leak into each other. All slow (each process starts W&B's service, 25-50 s on a loaded
+2-core machine): the default suite logs to W&B offline in tests/test_cli.py."""
 import json
 import os
 import shutil
@@ -10,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli import TINY
+from helpers import TINY_RUN, cli_env
 
 from hybridlm.checkpointing.callbacks import RunStateCallback
 from hybridlm.checkpointing.io import load_checkpoint_file
 from hybridlm.runner import CONF_DIR
+
+pytestmark = pytest.mark.slow
 
 DRIVER = """
 import json, sys
@@ -31,17 +34,14 @@ for out, overrides in {runs!r}:
     print("RESULT " + json.dumps({{"wandb": result["wandb"], "out_dir": result["out_dir"]}}), flush=True)
 {tail}
 """
-RUN = [*TINY, "logger=default", "trainer.enable_progress_bar=false", "trainer.max_steps=3",
+RUN = [*TINY_RUN, "logger=default", "trainer.enable_progress_bar=false", "trainer.max_steps=3",
        "trainer.val_check_interval=3"]
 
 
 def run_driver(out, overrides, env_extra=None, patch="", more_runs=(), tail=""):
     """Train in a fresh process (then, in the same process, each of `more_runs`: (out, overrides)); returns the
     first run's result (a list of all results when more_runs is given) and the process's stderr."""
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
-           **(env_extra or {})}
-    if "WANDB_API_KEY" not in (env_extra or {}):
-        env.pop("WANDB_API_KEY", None)
+    env = {**cli_env(), **(env_extra or {})}
     runs = [(str(o), [*RUN, *ovs]) for o, ovs in [(out, overrides), *more_runs]]
     code = DRIVER.format(patch=patch, conf=str(CONF_DIR), runs=runs, tail=tail)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env,

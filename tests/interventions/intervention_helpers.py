@@ -1,31 +1,26 @@
 from types import SimpleNamespace
 
 import torch
+from helpers import tiny_model, tiny_model_config
 
 from hybridlm.data.config import DataConfig
-from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
+from hybridlm.models import AttentionConfig, ModelConfig
 
 VOCAB = 23
+# Mamba-2 layers: nheads = expand*d_model/headdim = 4, headdim 8, d_state 4, conv_dim = 32 + 2*4 = 40
+SIZES = dict(d_model=16, vocab_size=VOCAB, d_state=4)
 
 
 def tiny_model_cfg(pattern: str = "MAM", kind: str = "swa") -> ModelConfig:
-    # Mamba-2 layers: nheads = expand*d_model/headdim = 4, headdim 8, d_state 4, conv_dim = 32 + 2*4 = 40
-    return ModelConfig(d_model=16, layer_pattern=pattern, vocab_size=VOCAB,
-                       ssm=SSMConfig(d_state=4, d_conv=4, expand=2, headdim=8, chunk_size=8),
-                       attn=AttentionConfig(kind=kind, num_heads=2, window=5))
+    return tiny_model_config(pattern, attn=AttentionConfig(kind=kind, num_heads=2, window=5), **SIZES)
 
 
 def make_module(pattern: str = "MAM", stream_mode: str = "random", seed: int = 0, kind: str = "swa"):
-    """Stands in for HybridLMModule: the callbacks only touch .model, .cfg and .initial_state."""
-    torch.manual_seed(seed)
-    mcfg = tiny_model_cfg(pattern, kind)
-    model = HybridLM(mcfg)
-    with torch.no_grad():  # non-trivial dt / D so states are not tiny
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    """Stands in for HybridLMModule: the callbacks only touch .model, .cfg and .initial_state. The model's dt / D
+    are perturbed so states are not tiny."""
+    model = tiny_model(pattern, seed=seed, attn=AttentionConfig(kind=kind, num_heads=2, window=5), **SIZES)
     return SimpleNamespace(model=model, initial_state=None,
-                           cfg=SimpleNamespace(model=mcfg, data=DataConfig(stream_mode=stream_mode)))
+                           cfg=SimpleNamespace(model=model.cfg, data=DataConfig(stream_mode=stream_mode)))
 
 
 def trainer_stub(rank: int = 0, tmp_path=None, world_size: int = 1):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from hybridlm import ops
 from hybridlm.convert import load_pretrained
 from hybridlm.kernels.se_attention import se_attention_naive, se_attention_torch
-from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
+from hybridlm.models import AttentionConfig, ModelConfig
 from hybridlm.models.se_attention import SpanExpandedAttention
 from hybridlm.ops.config import BackendConfig
 
@@ -199,12 +199,9 @@ def test_a_state_of_another_layer_kind_is_refused():
     dict(kind="se_attn", chunk_sizes=[8, 16], block_size=4, top_k=2),
     dict(kind="se_attn_window", window=8, block_size=4, top_k=2, query_chunk=8, scorer="mean_dot"),
 ])
-def test_model_trains_a_few_steps(attn):
-    cfg = ModelConfig(d_model=32, layer_pattern="MAMA", vocab_size=40,
-                      ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8),
-                      attn=AttentionConfig(num_heads=4, num_heads_kv=2, rotary_emb_dim=4, **attn))
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
+def test_model_trains_a_few_steps(attn, tiny_model):
+    attn_cfg = AttentionConfig(num_heads=4, num_heads_kv=2, rotary_emb_dim=4, **attn)
+    model = tiny_model("MAMA", vocab_size=40, attn=attn_cfg, perturb=0)
     assert {type(m).__name__ for _, m in model.attention_layers()} == {
         "se_attn": {"SpanExpandedAttention"}, "se_attn_window": {"WindowedSpanAttention"}}[attn["kind"]]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -10,7 +10,7 @@ import hybridlm.kernels.span_attention.torch_ref as span_ops
 from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
 from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
 from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
-from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
+from hybridlm.models import AttentionConfig
 from hybridlm.models.attention import Attention
 from hybridlm.models.se_attention_window import WindowedSpanAttention
 
@@ -270,11 +270,9 @@ def test_bad_scorer_is_rejected():
 
 
 @pytest.mark.parametrize("kind", ["se_attn_window", "s2"])
-def test_hybrid_lm_forward_backward_and_streaming(kind):
-    cfg = ModelConfig(d_model=16, layer_pattern="MAM", vocab_size=40, d_intermediate=24,
-                      ssm=SSMConfig(d_state=8, headdim=8, chunk_size=8), attn=se_cfg(kind=kind, group_ratio=0.25))
-    torch.manual_seed(0)
-    model = HybridLM(cfg)
+def test_hybrid_lm_forward_backward_and_streaming(kind, tiny_model):
+    model = tiny_model("MAM", d_model=16, vocab_size=40, d_intermediate=24, attn=se_cfg(kind=kind, group_ratio=0.25),
+                       perturb=0)
     ids = torch.randint(0, 40, (2, 32))
     logits, _ = model(ids)
     logits.logsumexp(-1).mean().backward()

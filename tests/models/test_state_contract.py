@@ -1,5 +1,6 @@
 """docs/design.md §2: running a sequence in pieces with the state passed along equals one pass, for every layer kind;
-and each mixer equals a naive per-token computation written here from its raw parameters."""
+and each mixer equals a naive per-token computation written here from its raw parameters (the Mamba-2 scan by the
+token-by-token recurrence shipped in kernels/ssd/naive.py)."""
 import dataclasses
 import math
 import random
@@ -7,24 +8,19 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_model
 
-from hybridlm.models import AttentionConfig, HybridLM, ModelConfig, SSMConfig
+from hybridlm.kernels.ssd.naive import ssd_scan_naive
+from hybridlm.models import AttentionConfig, HybridLM, ModelConfig
 from hybridlm.models.state import map_state
 
-VOCAB = 50
+VOCAB = 50  # tiny_model's vocab_size
 
 
-def make_model(pattern="MAM", attn=None, d_intermediate=0, seed=0, chunk=8, ngroups=1):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(d_model=32, layer_pattern=pattern, vocab_size=VOCAB, d_intermediate=d_intermediate,
-                      ssm=SSMConfig(d_state=8, d_conv=4, expand=2, headdim=8, ngroups=ngroups, chunk_size=chunk),
-                      attn=attn or AttentionConfig(kind="full", num_heads=4))
-    model = HybridLM(cfg).double()
-    with torch.no_grad():  # make the state matter: non-trivial dt, D and norms
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+def make_model(pattern="MAM", attn=None, **kw):
+    """The shared tiny model (d_model 32, d_state 8, headdim 8, chunks of 8, perturbed so the state matters) in
+    float64: the checks below hold to 1e-9. kw: d_intermediate, seed, ngroups."""
+    return tiny_model(pattern, attn=attn, dtype=torch.float64, **kw)
 
 
 ATTN_VARIANTS = {
@@ -138,7 +134,8 @@ def test_nonzero_initial_ssm_state_changes_output_and_only_ssm_key_needed():
 # ---- mixers against naive per-token references written from their raw parameters ----
 
 def naive_mamba2(m, u):
-    """mamba_ssm Mamba2 semantics, one token at a time."""
+    """mamba_ssm Mamba2 semantics, one token at a time. The conv loop stays here: the shipped causal_conv1d_naive
+    computes in float32."""
     b, L, _ = u.shape
     di, ng, n, nh, hp = m.d_inner, m.ngroups, m.d_state, m.nheads, m.headdim
     zxbcdt = u @ m.in_proj.weight.T
@@ -150,15 +147,8 @@ def naive_mamba2(m, u):
     x, Bm, Cm = conv.split([di, ng * n, ng * n], dim=-1)
     dt = F.softplus(dt + m.dt_bias)
     A = -torch.exp(m.A_log)
-    h = torch.zeros(b, nh, hp, n, dtype=u.dtype)
-    ys = []
-    for t in range(L):
-        xt = x[:, t].view(b, nh, hp)
-        Bt = Bm[:, t].view(b, ng, n).repeat_interleave(nh // ng, 1)
-        Ct = Cm[:, t].view(b, ng, n).repeat_interleave(nh // ng, 1)
-        h = torch.exp(dt[:, t] * A)[..., None, None] * h + (dt[:, t, :, None, None] * xt[..., None]) * Bt[:, :, None]
-        ys.append((torch.einsum("bhpn,bhn->bhp", h, Ct) + m.D[:, None] * xt).reshape(b, di))
-    y = torch.stack(ys, 1) * F.silu(z)
+    y, _ = ssd_scan_naive(x.view(b, L, nh, hp), dt, A, Bm.view(b, L, ng, n), Cm.view(b, L, ng, n), m.D)
+    y = y.reshape(b, L, di) * F.silu(z)
     gs = di // ng
     yg = y.view(b, L, ng, gs)
     y = (yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + m.norm.eps)).reshape(b, L, di) * m.norm.weight

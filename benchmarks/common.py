@@ -115,6 +115,8 @@ def record(section: str, rows: list[dict[str, Any]], **extra: Any) -> None:
     """Append one JSON record (section, machine, rows, extra) to benchmarks/results.jsonl."""
     rec = {"section": section, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(),
            "rows": rows, **extra}
+    if os.environ.get("BENCH_LABEL"):  # e.g. which code a before/after comparison ran
+        rec["label"] = os.environ["BENCH_LABEL"]
     with open(RESULTS, "a") as f:
         f.write(json.dumps(rec) + "\n")
 

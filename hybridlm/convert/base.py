@@ -39,6 +39,16 @@ class Format:
     matches: Optional[Callable[[dict], bool]] = None
 
 
+def validated(cfg: ModelConfig, source: Any) -> ModelConfig:
+    """cfg after ModelConfig.validate(); a config the model cannot take is the checkpoint's fault, so it ends as one
+    CheckpointError naming the file (not a bare ValueError)."""
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
+    return cfg
+
+
 def refuse(source: Path, key: str, value: Any, why: str) -> NoReturn:
     raise CheckpointError(f"{source}: {key} = {value!r} is not supported: {why}")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.checkpointing.io import CheckpointError
-from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse
+from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse, validated
 from hybridlm.convert.files import read_json, read_weights, save_safetensors, write_json
 from hybridlm.convert.state_dict import cpu_state_dict, drop_tied
 from hybridlm.models.config import ModelConfig
@@ -114,11 +114,7 @@ def import_config(raw: dict, source: Path) -> ModelConfig:
             refuse(source, "rope_parameters.partial_rotary_factor", partial,
                    f"head_dim * partial_rotary_factor = {rotary} is odd; hybridlm's rotary needs an even width")
         a.rotary_emb_dim, a.rotary_emb_base = rotary, theta
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from e
-    return cfg
+    return validated(cfg, source)
 
 
 def export_config(cfg: ModelConfig, allow_full_attention: bool = False) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hybridlm.checkpointing.io import CheckpointError
-from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse
+from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse, validated
 from hybridlm.convert.files import read_json, read_weights, save_safetensors, write_json
 from hybridlm.convert.state_dict import cpu_state_dict, drop_tied
 from hybridlm.models.config import ModelConfig
@@ -53,8 +53,7 @@ def import_config(raw: dict, source: Path) -> ModelConfig:
     s.dt_init_floor = float(c["time_step_floor"])
     s.dt_limit = tuple(json_float(v) for v in c["time_step_limit"])
     s.bias, s.conv_bias, s.norm_before_gate = bool(c["use_bias"]), bool(c["use_conv_bias"]), False
-    cfg.validate()
-    return cfg
+    return validated(cfg, source)
 
 
 def export_config(cfg: ModelConfig) -> dict:

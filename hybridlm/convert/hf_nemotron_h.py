@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.checkpointing.io import CheckpointError
-from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, refuse
+from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, refuse, validated
 from hybridlm.convert.files import read_json, read_weights, save_safetensors, write_json
 from hybridlm.convert.state_dict import cpu_state_dict
 from hybridlm.models.config import ModelConfig
@@ -117,11 +117,7 @@ def import_config(raw: dict, source: Path) -> ModelConfig:
     a.num_heads = int(c["num_attention_heads"])
     a.num_heads_kv = int(c["num_key_value_heads"] or a.num_heads)
     a.head_dim = int(c["head_dim"] or d_model // a.num_heads)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from e
-    return cfg
+    return validated(cfg, source)
 
 
 def export_config(cfg: ModelConfig, allow_full_attention: bool = False) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from hybridlm.checkpointing.io import CheckpointError
-from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse
+from hybridlm.convert.base import INF, Checkpoint, Format, StateDict, json_float, refuse, validated
 from hybridlm.convert.files import read_json, read_weights, save_safetensors, write_json
 from hybridlm.convert.state_dict import cpu_state_dict, drop_tied
 from hybridlm.models.config import ModelConfig
@@ -76,8 +76,7 @@ def import_config(raw: dict, source: Path) -> ModelConfig:
         _apply_mamba2_cfg(cfg, dict(c["ssm_cfg"]), source)
     if "A" in pattern:
         _apply_mha_cfg(cfg, dict(c["attn_cfg"]), source)
-    cfg.validate()
-    return cfg
+    return validated(cfg, source)
 
 
 def _apply_mamba2_cfg(cfg: ModelConfig, ssm_cfg: dict, source: Path) -> None:

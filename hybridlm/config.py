@@ -150,5 +150,16 @@ def to_config(cfg: Any) -> Config:
     return typed
 
 
+def _div(a: Any, b: Any) -> int:
+    """${div:a,b}: integer floor division, for keys that scale with another (the failure map keeps the tokens per
+    step fixed across T with data.batch_size: ${div:4096,${data.seq_len}})."""
+    a, b = int(a), int(b)
+    if b <= 0:
+        raise ValueError(f"${{div:{a},{b}}}: the divisor must be > 0")
+    return a // b
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=Config)
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", _div)

@@ -31,6 +31,7 @@ class SyntheticConfig:
     num_values: int = 16  # recall_stream: V values; SET values [2K, 2K+V), GET answers [2K+V, 2K+2V)
     p_set: float = 0.25  # recall_stream: probability that a pair is a SET (else a GET of a recent SET)
     recall_window: int = 0  # recall_stream: a GET asks for a key SET in the last D pairs; 0 = seq_len // 2
+    key_gap: int = 0  # recall_stream: a SET never reuses a key SET in the last G pairs (0: any key); needs K > G
     num_streams: int = 32  # recall_stream: independent training streams (documents)
     val_streams: int = 8  # recall_stream: independent validation streams (documents)
     stream_len: int = 65536  # recall_stream: tokens per stream (even)
@@ -128,6 +129,9 @@ class DataConfig:
                 need(syn.num_values >= 1, "data.synthetic.num_values", f"must be >= 1, got {syn.num_values}")
                 need(0.0 < syn.p_set <= 1.0, "data.synthetic.p_set", f"must be in (0, 1], got {syn.p_set}")
                 need(syn.recall_window >= 0, "data.synthetic.recall_window", f"must be >= 0, got {syn.recall_window}")
+                need(0 <= syn.key_gap < syn.num_keys, "data.synthetic.key_gap",
+                     f"must be in [0, num_keys={syn.num_keys}) (a SET needs a key not used in the last key_gap "
+                     f"pairs), got {syn.key_gap}")
                 need(syn.num_streams >= 1 and syn.val_streams >= 1, "data.synthetic.num_streams",
                      f"num_streams and val_streams must be >= 1, got {syn.num_streams}, {syn.val_streams}")
                 need(syn.stream_len >= 2 and syn.stream_len % 2 == 0, "data.synthetic.stream_len",

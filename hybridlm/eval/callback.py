@@ -2,7 +2,8 @@
 
 Runs on global rank 0 only (the report is a function of the model, identical on every rank; the other ranks
 wait at their next collective). Outputs go to {out_dir}/step{global_step}/ and to the trainer's loggers at
-step = global_step. The end-of-training run uses `on_train_end`, while the model is still on its device and the
+step = global_step; progress.json there says how far training was (step, training tokens over all ranks,
+parameters), so a curve against tokens per parameter reads each report on its own (hybridlm/results/failure_map.py). The end-of-training run uses `on_train_end`, while the model is still on its device and the
 loggers are still open (`on_fit_end` comes after the strategy's teardown).
 
 Configuration problems (no source of sequences for the selected diagnostics, an eval.attention the model cannot
@@ -11,6 +12,7 @@ run) fail in `setup`, before training. An error while a report runs is logged wi
 """
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from pathlib import Path
@@ -75,6 +77,8 @@ class LengthEvalCallback(Callback):
             out = Path(trainer.default_root_dir) / out
         out = out / f"step{trainer.global_step:07d}"
         report: dict[str, Any] = {"step": trainer.global_step, "dir": str(out)}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "progress.json").write_text(json.dumps(training_progress(trainer, pl_module), indent=1))
         try:
             report["results"] = run_length_report(pl_module.model, source, self.cfg, out, trainer.loggers,
                                                   train_len=pl_module.cfg.data.seq_len, step=trainer.global_step)
@@ -89,3 +93,13 @@ class LengthEvalCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = state_dict["validations"]
+
+
+def training_progress(trainer, pl_module) -> dict[str, Any]:
+    """Step, training tokens seen over all ranks (every row is data.seq_len tokens) and parameter counts."""
+    data = pl_module.cfg.data
+    model = pl_module.model
+    rows = trainer.global_step * data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    return {"step": trainer.global_step, "train_tokens": rows * data.seq_len, "seq_len": data.seq_len,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "non_embedding_parameters": model.num_params(non_embedding=True)}

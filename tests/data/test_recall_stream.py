@@ -108,3 +108,24 @@ def test_vocab_and_config_checks():
     bad.synthetic.stream_len = 101
     with pytest.raises(ValueError, match="^data.synthetic.stream_len"):
         bad.validate()
+
+
+def test_key_gap_never_reuses_a_recent_key_and_default_streams_are_unchanged():
+    gap, window = 5, 4
+    streams = recall_streams(3, 3000, K, V, p_set=0.5, window=window, rng=np.random.default_rng(7), key_gap=gap)
+    for s in streams:
+        decode(s, window=window, p_set_range=(0.3, 0.8))
+        last_set = {}
+        for j, tok in enumerate(s[0::2].tolist()):
+            if tok < K:  # a SET: this key was not SET in the previous `gap` pairs
+                assert j - last_set.get(tok, -10**9) > gap, (j, tok, last_set[tok])
+                last_set[tok] = j
+        # every key is used: the gap restricts, it does not freeze the key set
+        assert len(last_set) == K
+    # key_gap=0 draws exactly what the generator drew before the option existed (same seed, same streams)
+    plain = recall_streams(2, 400, K, V, 0.25, 6, np.random.default_rng(1))
+    assert np.array_equal(plain, recall_streams(2, 400, K, V, 0.25, 6, np.random.default_rng(1), key_gap=0))
+    bad = cfg()
+    bad.synthetic.key_gap = K
+    with pytest.raises(ValueError, match="^data.synthetic.key_gap"):
+        bad.validate()

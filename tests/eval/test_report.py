@@ -138,9 +138,14 @@ def test_length_eval_callback_in_lightning_fit(tmp_path):
     trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data[:2], batch_size=2))
     # two validations (steps 2 and 4; the sanity check does not count) and the end of training
     assert cb.validations == 2 and [r["step"] for r in cb.reports] == [2, 4, 4]
+    n_params = sum(p.numel() for p in module.model.parameters())
     for step in (2, 4):
         d = tmp_path / "length_eval" / f"step{step:07d}"
         assert (d / "loss_by_position.png").exists() and (d / "state_norms.csv").exists()
+        # batches of 2 rows x 8 tokens: 16 training tokens per step
+        assert json.loads((d / "progress.json").read_text()) == {
+            "step": step, "train_tokens": 16 * step, "seq_len": 8, "parameters": n_params,
+            "non_embedding_parameters": module.model.num_params(non_embedding=True)}
     assert "length_eval/state_norms/final_over_at_T" in read_csv(tmp_path / "csv" / "metrics.csv")[0]
     assert cb.state_dict() == {"validations": 2}
 

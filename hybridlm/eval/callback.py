@@ -1,10 +1,11 @@
 """LengthEvalCallback: the length report during training, every N validations and when training ends.
 
-Runs on global rank 0 only (the report is a function of the model, identical on every rank; the other ranks
-wait at their next collective). Outputs go to {out_dir}/step{global_step}/ and to the trainer's loggers at
-step = global_step; progress.json there says how far training was (step, training tokens over all ranks,
-parameters), so a curve against tokens per parameter reads each report on its own (hybridlm/results/failure_map.py). The end-of-training run uses `on_train_end`, while the model is still on its device and the
-loggers are still open (`on_fit_end` comes after the strategy's teardown).
+Runs on global rank 0 only (the report is a function of the model, identical on every rank; the other ranks wait at
+their next collective). Outputs go to {out_dir}/step{global_step}/ and to the trainer's loggers at step =
+global_step; progress.json there says how far training was (step, training tokens over all ranks, parameters), so a
+curve against tokens per parameter reads each report on its own (hybridlm/results/failure_map.py). The end-of-
+training run uses `on_train_end`, while the model is still on its device and the loggers are still open
+(`on_fit_end` comes after the strategy's teardown).
 
 Configuration problems (no source of sequences for the selected diagnostics, an eval.attention the model cannot
 run) fail in `setup`, before training. An error while a report runs is logged with its traceback and recorded in

@@ -1,6 +1,6 @@
-"""`python -m hybridlm.results {lengthgen,sespan,failure_map} RUNS --out DIR`: the tables and figures of `make repro-*` from the
-runs under RUNS (the Makefile runs this after the Hydra runs; run it again to rebuild the outputs). Exits 1 when a
-job failed or a row is incomplete, after writing what there is."""
+"""`python -m hybridlm.results {lengthgen,sespan,failure_map} RUNS --out DIR`: the tables and figures of `make
+repro-*` and `make failure-map` from the runs under RUNS (the Makefile runs this after the Hydra runs; run it again
+to rebuild the outputs). Exits 1 when a job failed or a row is incomplete, after writing what there is."""
 from __future__ import annotations
 
 import argparse

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install wheel-check train test test-all lint bench gpu-check repro-lengthgen repro-sespan clean
+.PHONY: install wheel-check train test test-all lint bench gpu-check repro-lengthgen failure-map repro-sespan clean
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,18 +45,38 @@ gpu-check:
 NPROC := $(shell getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
 HALF_NPROC := $(shell n=$(NPROC); echo $$(( n > 1 ? n / 2 : 1 )))
 
-# The five length-generalization arms (conf/experiment/lengthgen/repro.yaml) as one Hydra multirun, 2 jobs at a time,
-# 1 thread each; about 20-30 min on 2 CPU cores. Then the reader builds results/lengthgen/{table.md,results.json,
-# figure.png,logs/} from the jobs' result.json and length reports. Runs in outputs/lengthgen/<job>/.
-# ARGS: Hydra overrides for every job, e.g. ARGS="seed=1" or ARGS="intervention=none,tbtt".
+# Length generalization (Buitrago Ruiz & Gu 2025; docs/results/lengthgen.md), the paper's headline on a model that
+# fails: pretrain the baseline (conf/experiment/lengthgen/baseline.yaml) for seeds 0-2, then post-train each seed's
+# checkpoint for 50 steps with every intervention and with none (lengthgen/repro/post_train.yaml), each job
+# evaluated to 64T; two jobs at a time, 1 thread each. Then the reader builds results/lengthgen/{table.md,
+# results.json,figure.png,logs/}. Runs in outputs/lengthgen/{pretrain,post_train}/.
+# ARGS: Hydra overrides for every job of both stages, e.g. ARGS="seed=0" or ARGS="trainer.max_steps=10";
+# POST_ARGS: for the post-training jobs only, e.g. POST_ARGS="intervention=none,state_passing".
 LENGTHGEN_RUNS ?= outputs/lengthgen
 LENGTHGEN_OUT ?= results/lengthgen
+LENGTHGEN := $(abspath $(LENGTHGEN_RUNS))
+LENGTHGEN_COMMAND = $(strip make repro-lengthgen $(foreach v,ARGS POST_ARGS,$(if $($(v)),$(v)="$($(v))")))
 repro-lengthgen:
-	rm -rf $(LENGTHGEN_RUNS)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m hybridlm.train -m +experiment=lengthgen/repro \
-		hydra.sweep.dir=$(LENGTHGEN_RUNS) $(ARGS)
-	$(PY) -m hybridlm.results lengthgen $(LENGTHGEN_RUNS) --out $(LENGTHGEN_OUT) \
-		--command 'make repro-lengthgen$(if $(ARGS), ARGS="$(ARGS)")'
+	rm -rf $(LENGTHGEN)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m hybridlm.train -m +experiment=lengthgen/repro/pretrain \
+		hydra.sweep.dir=$(LENGTHGEN)/pretrain $(ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m hybridlm.train -m +experiment=lengthgen/repro/post_train \
+		'init_from=$(LENGTHGEN)/pretrain/seed$${seed}/checkpoints/last.ckpt' \
+		hydra.sweep.dir=$(LENGTHGEN)/post_train $(ARGS) $(POST_ARGS)
+	$(PY) -m hybridlm.results lengthgen $(LENGTHGEN) --out $(LENGTHGEN_OUT) --command '$(LENGTHGEN_COMMAND)'
+
+# The failure map (issue 13; conf/experiment/lengthgen/failure_map.yaml): one long run per setting (51.2M tokens
+# each, 2 at a time, 1 thread each; about an hour per pair of runs on 2 cores), each evaluated every 2M tokens, then
+# results/failure_map/{table.md,results.json,figure.png}. ARGS: Hydra overrides, e.g. a smaller grid
+# ARGS="experiment/lengthgen/task=recall_fresh model.ssm.d_state=16,64 data.seq_len=32", or resume=auto to continue
+# a stopped sweep in FAILURE_MAP_RUNS. Unlike the repro targets it does not delete earlier runs.
+FAILURE_MAP_RUNS ?= outputs/failure_map
+FAILURE_MAP_OUT ?= results/failure_map
+failure-map:
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m hybridlm.train -m +experiment=lengthgen/failure_map \
+		hydra.sweep.dir=$(abspath $(FAILURE_MAP_RUNS)) $(ARGS)
+	$(PY) -m hybridlm.results failure_map $(FAILURE_MAP_RUNS) --out $(FAILURE_MAP_OUT) \
+		--command 'make failure-map$(if $(ARGS), ARGS="$(ARGS)")'
 
 # Expansion Span (Nunez et al. 2025), the paper's protocol (issue 12; docs/results/sespan.md): pretrain a hybrid at
 # T=128 on text, fine-tune it at 8T with {full,swa,s2,se_attn} x hylora and se_attn x {lora,lora_plus}, evaluate the

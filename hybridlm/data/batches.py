@@ -122,7 +122,8 @@ class BatchSource:
     def _synthetic_row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         syn = self.cfg.synthetic
         filler = None
-        if syn.task == "passkey" and syn.passkey_filler == "corpus":
+        corpus = syn.passkey_filler == "corpus" or (syn.passkey_filler == "mixed" and rng.random() < 0.5)
+        if syn.task == "passkey" and corpus:
             tokens = self.corpus.train.tokens
             start = np.array([int(rng.integers(len(tokens)))])
             filler = gather(tokens, start, self.width)[0].tolist()  # enough corpus text for the whole row

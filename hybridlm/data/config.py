@@ -10,7 +10,7 @@ SOURCES = ("stdlib", "files", "hub", "synthetic")
 STREAM_MODES = ("auto", "random", "contiguous")
 TASKS = ("mqar", "copy", "passkey", "recall_stream")
 SAMPLE_BY = ("document", "paragraph", "line")
-PASSKEY_FILLERS = ("neutral", "corpus")
+PASSKEY_FILLERS = ("neutral", "corpus", "mixed")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class SyntheticConfig:
     vocab_size: int = 256  # mqar/copy: ids used; keys in [1, V/2), values in [V/2, V), copy tokens in [1, V-1)
     copy_len: int = 0  # copy: tokens to copy; 0 = the longest that fits (seq_len // 2)
     passkey_digits: int = 5  # passkey: digits of the key
-    passkey_filler: str = "neutral"  # neutral (repeated sentences) | corpus (text of the training corpus)
+    # neutral (repeated sentences) | corpus (text of the training corpus) | mixed (each row one or the other, 1/2 each)
+    passkey_filler: str = "neutral"
     # recall_stream (source=synthetic): endless (key, value) pair streams used as a token corpus; see recall_stream.py
     num_keys: int = 64  # recall_stream: K keys; SET-key ids [0, K), GET-key ids [K, 2K)
     num_values: int = 16  # recall_stream: V values; SET values [2K, 2K+V), GET answers [2K+V, 2K+2V)
@@ -102,8 +103,8 @@ class DataConfig:
             need(self.pack, "data.pack", "stream_mode=contiguous reads one continuous packed stream: set pack=true")
             need(self.mix_prob == 0.0, "data.mix_prob",
                  "synthetic rows would break the continuity of stream_mode=contiguous")
-        need(not (self.source == "synthetic" and syn.passkey_filler == "corpus"), "data.synthetic.passkey_filler",
-             "corpus filler needs a text source, not source=synthetic")
+        need(not (self.source == "synthetic" and syn.passkey_filler in ("corpus", "mixed")),
+             "data.synthetic.passkey_filler", f"{syn.passkey_filler} filler needs a text source, not source=synthetic")
 
         if self.source == "synthetic" or self.mix_prob > 0:
             need(syn.vocab_size >= 4, "data.synthetic.vocab_size", f"must be >= 4, got {syn.vocab_size}")

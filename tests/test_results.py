@@ -1,6 +1,7 @@
 """The reader of finished runs (hybridlm.results) on hand-made job directories: the files run_job, Hydra and the
 length report write, with numbers chosen here, so every cell of the output can be checked by hand."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -46,47 +47,101 @@ def test_jobs_are_read_in_sweep_order_with_their_figures(tmp_path):
     assert wall_span_seconds(jobs) == 70  # 00:00:00 -> 00:01:10
 
 
-def loss_report(report: Path, all_loss: list[float], recall: list[float], ratio: float) -> None:
+T = 4  # log2 buckets [0,1) ... [64,128) of a 32T evaluation: [T/2,T) = [2,4), [8T,16T) = [32,64), last [64,128)
+BUCKETS = [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 128)]
+
+
+def length_report(report: Path, recall: list[float], final_norms: tuple[float, float], effrem_half: float) -> None:
+    """A length report with recall loss `recall` per bucket, all-token loss 1 nat above it, and the SSM state norm
+    at the last position of layers 0 and 1; its scalars derived as the evaluation derives them."""
     report.mkdir(parents=True)
-    buckets = [(0, 32), (32, 64), (64, 128)]
-    rows = [[a, b, x, y] for (a, b), x, y in zip(buckets, all_loss, recall)]
+    all_loss = [3.0 if math.isnan(x) else x + 1.0 for x in recall]
+    rows = [[a, b, x, y] for (a, b), x, y in zip(BUCKETS, all_loss, recall)]
     (report / "loss_by_position.json").write_text(json.dumps({
         "columns": ["bucket_start", "bucket_end", "mean_loss", "target_mean_loss"], "rows": rows,
-        "scalars": {"last_bucket_over_train_half": all_loss[2] / all_loss[1], "loss_within_T": 2.0,
-                    "loss_beyond_T": all_loss[2], "target_last_bucket_over_train_half": ratio,
-                    "target_loss_within_T": 1.0, "target_loss_beyond_T": recall[2]},
-        "meta": {"train_len": 64, "eval_len": 128, "n_sequences": 4, "target_id_range": [144, 160]}}))
-    (report / "state_norms.json").write_text(json.dumps({"rows": [[0, 64, 1.0], [0, 128, 2.5], [1, 64, 3.0],
-                                                                  [1, 128, 4.25]]}))
-    (report / "effrem.json").write_text(json.dumps({"scalars": {"at_half_T": 0.5}}))
+        "scalars": {"last_bucket_over_train_half": all_loss[-1] / all_loss[2], "loss_within_T": 3.0,
+                    "loss_beyond_T": all_loss[-1], "target_last_bucket_over_train_half": recall[-1] / recall[2],
+                    "target_loss_within_T": recall[2], "target_loss_beyond_T": recall[-1]},
+        "meta": {"train_len": T, "eval_len": 128, "n_sequences": 4, "target_id_range": [144, 160]}}))
+    (report / "state_norms.json").write_text(json.dumps({"columns": ["layer", "position", "norm"], "rows": [
+        [0, 4, 1.0], [0, 128, final_norms[0]], [1, 4, 3.0], [1, 128, final_norms[1]]]}))
+    (report / "effrem.json").write_text(json.dumps({"columns": ["t", "effrem"], "rows": [
+        [0, 0.0], [2, effrem_half], [3, 0.9], [8, 1.0]], "scalars": {"at_half_T": effrem_half}}))
+    (report / "progress.json").write_text(json.dumps({"step": 10, "train_tokens": 1280, "seq_len": T,
+                                                      "parameters": 100, "non_embedding_parameters": 60}))
 
 
-def test_lengthgen_table_from_a_multirun(tmp_path):
+def lengthgen_job(runs: Path, arm: str, seed: int, num: int, recall=None, *, wall=100.0, norms=(2.0, 4.0),
+                  effrem_half=0.5, **kw) -> Path:
+    """A pretrain job (arm "pretrained") or a post-train one of intervention `arm` from that seed's checkpoint."""
+    if arm == "pretrained":
+        job = runs / "pretrain" / f"seed{seed}"
+        config = {"seed": seed, "init_from": None, "intervention": {"name": "none"}, "trainer": {"max_steps": 1000}}
+    else:
+        job = runs / "post_train" / f"{arm}+seed{seed}"
+        config = {"seed": seed, "init_from": str(runs / "pretrain" / f"seed{seed}" / "checkpoints" / "last.ckpt"),
+                  "intervention": {"name": arm}, "trainer": {"max_steps": 50}}
+    write_job(job, [f"seed={seed}"], config, num=num, log=f"{arm} {seed} log",
+              resources=usage(f"2026-01-01T00:0{num}:00+00:00", f"2026-01-01T00:0{num}:30+00:00", wall, 500), **kw)
+    if recall is not None:
+        length_report(job / "length_eval" / "step0000010", recall, norms, effrem_half)
+    return job
+
+
+def test_lengthgen_table_of_pretrained_and_post_trained_seeds(tmp_path):
     runs, out = tmp_path / "runs", tmp_path / "out"
-    common = ["+experiment=lengthgen/repro", "seed=0"]
-    write_job(runs / "0", ["intervention=none", *common], {"seed": 0, "intervention": {"name": "none"}}, num=0,
-              metrics={"val/loss": 2.5}, log="job 0 log",
-              resources=usage("2026-01-01T00:00:00+00:00", "2026-01-01T00:05:00+00:00", 300.4, 700.6))
-    loss_report(runs / "0" / "length_eval" / "step000100", [3.0, 2.0, 2.2], [1.5, 0.5, 0.6], 1.2)
-    write_job(runs / "1", ["intervention=tbtt", *common], {"seed": 0, "intervention": {"name": "tbtt"}}, num=1,
-              status="failed", error="RuntimeError: boom",
-              resources=usage("2026-01-01T00:00:01+00:00", "2026-01-01T00:00:09+00:00", 8, 650))
+    nan = float("nan")  # no recall answer in the first position
+    # recall ratio at 8T-16T = loss at [32,64) / loss at [2,4): 3.0/2.0 = 1.5 (fails) and 2.2/2.0 = 1.1;
+    # in the last bucket 4.0/2.0 = 2.0 and 3.0/2.0 = 1.5
+    lengthgen_job(runs, "pretrained", 0, 0, [nan, 4.0, 2.0, 2.1, 2.2, 2.5, 3.0, 4.0], wall=300, norms=(2.0, 4.0),
+                  effrem_half=0.4)
+    lengthgen_job(runs, "pretrained", 1, 1, [5.0, 4.0, 2.0, 2.1, 2.2, 2.1, 2.2, 3.0], wall=320, norms=(3.0, 5.0),
+                  effrem_half=0.6)
+    # post-training: ratios 1.2/1.0 and 1.0/1.0; state passing has seed 0 only (seed 1 failed)
+    lengthgen_job(runs, "none", 0, 0, [nan, 3.0, 1.0, 1.0, 1.1, 1.1, 1.2, 1.6], wall=30)
+    lengthgen_job(runs, "none", 1, 1, [nan, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.2], wall=40)
+    lengthgen_job(runs, "state_passing", 0, 2, [nan, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.1], wall=35, norms=(1.5, 2.5),
+                  effrem_half=0.25)
+    failed = lengthgen_job(runs, "state_passing", 1, 3, status="failed", error="RuntimeError: boom")
 
     assert main(["lengthgen", str(runs), "--out", str(out), "--command", "make repro-lengthgen"]) == 1  # one failed
     table = (out / "table.md").read_text().splitlines()
     assert table[0] == "Command: `make repro-lengthgen`"
-    row = next(line for line in table if line.startswith("| none |"))
-    # recall ratio, all-token ratio 2.2/2.0, recall [T/2,T) = 0.6/1.2, last bucket, beyond T, all beyond T, norms of
-    # the last position per layer, wall time, peak RSS
-    assert row == "| none | 1.20 | 1.100 | 0.500 | 0.600 | 0.600 | 2.200 | 2.50, 4.25 | 300 | 701 |"
-    assert "| [32, 64) | 0.500 / 2.000 |" in table
-    assert table[-1] == f"TBTT: FAILED: no length report (RuntimeError: boom); see {runs / '1' / 'train.log'}"
+    assert "Post-training: 50 steps = 5% of the pretraining's 1000." in table[2]
+    assert "2 seeds; mean ± population std (min-max)" in table[2]
+    assert "| fails (ratio >= 1.3 at 8T-16T) |" in table[4]
+    # seeds, ratio 8T-16T, ratio in the last bucket, fails, recall loss [T/2,T), last bucket, final state norm per
+    # layer (mean of 2.0, 3.0 and of 4.0, 5.0), EffRem(T/2), wall time
+    assert table[6] == ("| pretrained (before post-training) | 2 | 1.30 ± 0.20 (1.10-1.50) | 1.75 ± 0.25 (1.50-2.00) "
+                        "| 1/2 seeds | 2.000 | 3.500 | 2.50, 4.50 | 0.500 | 310 |")
+    assert table[7] == ("| none | 2 | 1.10 ± 0.10 (1.00-1.20) | 1.40 ± 0.20 (1.20-1.60) | 0/2 seeds | 1.000 | 1.400 "
+                        "| 2.00, 4.00 | 0.500 | 35 |")
+    assert table[8] == ("| state passing | 1 (+1 failed) | 1.00 | 1.10 | 0/1 seeds | 1.000 | 1.100 | 1.50, 2.50 "
+                        "| 0.250 | 35 |")
+    assert "| positions | pretrained (before post-training) | none | state passing |" in table
+    # recall loss by bucket: [0,1) has a recall answer in pretrained seed 1 only; [32,64) = (3.0+2.2)/2, (1.2+1.0)/2
+    assert "| [0, 1) | 5.000 | n/a | n/a |" in table
+    assert "| [32, 64) | 2.600 | 1.100 | 1.000 |" in table
+    all_tokens = table[table.index("All-token loss by position bucket (nats), mean over seeds:"):]
+    assert "| [32, 64) | 3.600 | 2.100 | 2.000 |" in all_tokens
+    assert table[-1] == f"state passing seed 1: FAILED: RuntimeError: boom; see {failed / 'train.log'}"
+
     results = json.loads((out / "results.json").read_text())
-    assert results["overrides"] == common and results["seed"] == 0 and results["wall_seconds"] == 300
-    assert [a["arm"] for a in results["arms"]] == ["baseline", "tbtt"]
-    assert results["arms"][0]["final_state_norm"] == {"layer0": 2.5, "layer1": 4.25}
-    assert results["arms"][0]["effrem_at_half_T"] == 0.5 and results["arms"][0]["val_loss"] == 2.5
-    assert (out / "logs" / "baseline.log").read_text() == "job 0 log"
+    assert results["seeds"] == [0, 1] and results["train_len"] == 4 and results["eval_len"] == 128
+    assert results["wall_seconds"] == 210  # 00:00:00 -> 00:03:30
+    assert [a["arm"] for a in results["arms"]] == ["pretrained", "none", "state_passing"]
+    pretrained, _, state_passing = results["arms"]
+    assert list(pretrained["seeds"]) == ["0", "1"] and list(state_passing["seeds"]) == ["0", "1"]
+    seed0 = pretrained["seeds"]["0"]
+    assert seed0["recall_loss"][0] is None and seed0["ratios"]["recall_8T_16T"] == 1.5  # NaN -> null
+    assert seed0["state_norms"] == {"layer0": [[4, 1.0], [128, 2.0]], "layer1": [[4, 3.0], [128, 4.0]]}
+    assert seed0["effrem"][1] == [2, 0.4] and seed0["progress"]["train_tokens"] == 1280
+    assert pretrained["mean"]["fails"] == 1 and pretrained["mean"]["final_state_norm"] == {"layer0": 2.5,
+                                                                                           "layer1": 4.5}
+    assert state_passing["seeds"]["1"]["error"] == "RuntimeError: boom" and state_passing["mean"]["n_ok"] == 1
+    assert (out / "logs" / "pretrained_seed0.log").read_text() == "pretrained 0 log"
+    assert (out / "logs" / "state_passing_seed1.log").read_text() == "state_passing 1 log"
+    assert len(list((out / "logs").iterdir())) == 6
     assert (out / "figure.png").stat().st_size > 0
 
 

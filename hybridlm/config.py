@@ -116,6 +116,8 @@ class Config:
                  f"experiment {self.experiment_name!r} needs it; set {key}=... on the command line")
         self.model.validate()
         self.data.validate()
+        if "A" in self.model.layer_pattern and self.model.attn.kind == "se_attn":
+            self.model.attn.check_se_geometry(self.data.seq_len)
         self.intervention.validate(data=self.data, model=self.model)  # tbtt: contiguous data; attention kind
         self.adapter.validate()
         self.eval.validate()  # the backend is checked by ops.configure, which knows what this machine can run

@@ -25,13 +25,14 @@ from hybridlm.runner import train
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 STEPS, VOCAB, T, BATCH = 4, 48, 40, 4
-# attn.kind settings per layer kind; se_attn with top_k = 0 is its window-only variant
+# attn.kind settings per layer kind (rows of T = 40 tokens)
 KINDS = {
     "M": ("MM", {}),
     "swa": ("MA", {"kind": "swa", "window": 12}),
     "full": ("MA", {"kind": "full"}),
-    "se_attn_window": ("MA", {"kind": "se_attn", "window": 12, "top_k": 0, "query_chunk": 8, "block_size": 4}),
-    "se_attn_span": ("MA", {"kind": "se_attn", "window": 12, "top_k": 2, "query_chunk": 8, "block_size": 4}),
+    "se_attn_window": ("MA", {"kind": "se_attn_window", "window": 12, "top_k": 2, "query_chunk": 8,
+                              "scorer": "mean_dot", "block_size": 4}),
+    "se_attn": ("MA", {"kind": "se_attn", "chunk_sizes": [8, 16], "top_k": 2, "block_size": 4}),
     "s2": ("MA", {"kind": "s2", "group_ratio": 0.25}),
 }
 

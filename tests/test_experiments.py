@@ -1,5 +1,5 @@
 """Every file under conf/experiment/ composes into a valid config and trains a couple of steps; `make
-repro-lengthgen` runs the jobs its script used to run, and end to end (slow) builds its table from them."""
+repro-lengthgen` runs the baseline's seeds and the post-training of each, and end to end (slow) builds its table."""
 import json
 import os
 import subprocess
@@ -7,18 +7,21 @@ from pathlib import Path
 
 import pytest
 from helpers import CONF, TINY_MODEL, TWO_STEPS, compose_config
-from repro_helpers import VENV, effective, hydra_value, make_commands, sweep_jobs
+from repro_helpers import VENV, effective, hydra_value, job_dir, make_commands, sweep_jobs
 
 from hybridlm.config import to_config
 from hybridlm.runner import train
 
 # The files `make repro-*` runs (*/repro.yaml, */repro/*.yaml) add launcher and logging settings to the files they
 # include; their jobs are composed and compared with those files' jobs in test_make_repro_* below.
+# The files of a `task/` folder are parts of experiments (the failure map's axis), not experiments.
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
-                     for p in (CONF / "experiment").rglob("*.yaml") if "repro" not in (p.stem, p.parent.name))
+                     for p in (CONF / "experiment").rglob("*.yaml")
+                     if "repro" not in (p.stem, p.parent.name) and p.parent.name != "task")
 # Shrink whatever the experiment sets, keeping its structure (layer pattern, intervention, data mode, adapter).
+# compile=false: torch.compile of two steps would cost a minute (tests/test_compile_step.py tests it).
 TINY = [*TINY_MODEL, "model.ssm.chunk_size=16", "data.seq_len=32", *TWO_STEPS, "trainer.enable_progress_bar=false",
-        "logger=csv", "eval.every_n_val=0", "eval.at_fit_end=false", "checkpoint.save_best=false"]
+        "logger=csv", "eval.every_n_val=0", "eval.at_fit_end=false", "checkpoint.save_best=false", "compile=false"]
 # Experiments that continue a trained model (`required: [init_from]`), and the experiment that trains it.
 STARTS_FROM = {"lengthgen/post_train": "lengthgen/baseline", "sespan/adapt": "sespan/pretrain"}
 
@@ -91,30 +94,37 @@ def test_an_explicit_stream_mode_is_kept_and_checked():
         to_config(cfg)
 
 
-# What scripts/repro_lengthgen.py ran (before `make repro-lengthgen` became a Hydra multirun): one process per arm,
-# `python -m hybridlm.train +experiment=lengthgen/<arm> seed=0 logger=csv hydra.run.dir=...`, OMP_NUM_THREADS=1,
-# two at a time, in this order.
-OLD_LENGTHGEN_ARMS = ["baseline", "random_noise", "fitted_noise", "state_passing", "tbtt"]
-
-
-def test_make_repro_lengthgen_runs_the_jobs_of_the_old_script(tmp_path):
-    train_cmd, reader = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(tmp_path / "runs"))
-    assert (train_cmd.module, train_cmd.multirun, reader.module) == ("hybridlm.train", True, "hybridlm.results")
-    assert train_cmd.env["OMP_NUM_THREADS"] == "1"
-    assert hydra_value(train_cmd, train_cmd.args, "launcher.n_jobs") == 2
-    jobs = sweep_jobs(train_cmd)
-    assert len(jobs) == len(OLD_LENGTHGEN_ARMS)
-    for job, arm in zip(jobs, OLD_LENGTHGEN_ARMS):
-        assert effective("train", job) == effective("train", [f"+experiment=lengthgen/{arm}", "seed=0", "logger=csv"])
-    assert reader.args[:2] == ["lengthgen", str(tmp_path / "runs")]
-
-
-def test_make_repro_lengthgen_passes_args_to_every_job(tmp_path):
-    (train_cmd, _) = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(tmp_path),
-                                   ARGS="seed=3 intervention=none,tbtt")
-    jobs = sweep_jobs(train_cmd)
+def test_make_repro_lengthgen_pretrains_three_seeds_then_post_trains_each_with_every_intervention(tmp_path):
+    """Stage 1 is the baseline for seeds 0-2; stage 2 is post_train for every intervention x seed, each job reading
+    the checkpoint its own seed's pretraining wrote (init_from interpolates ${seed})."""
+    runs = tmp_path / "runs"
+    pretrain, post, reader = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(runs))
+    assert (pretrain.multirun, post.multirun, reader.module) == (True, True, "hybridlm.results")
+    assert pretrain.env["OMP_NUM_THREADS"] == post.env["OMP_NUM_THREADS"] == "1"
+    assert hydra_value(pretrain, pretrain.args, "launcher.n_jobs") == 2
+    jobs = sweep_jobs(pretrain)
     assert [effective("train", job) for job in jobs] == [
-        effective("train", [f"+experiment=lengthgen/{arm}", "seed=3", "logger=csv"]) for arm in ("baseline", "tbtt")]
+        effective("train", ["+experiment=lengthgen/baseline", f"seed={s}", "logger=csv"]) for s in range(3)]
+    assert [job_dir(pretrain, job) for job in jobs] == [runs / "pretrain" / f"seed{s}" for s in range(3)]
+    arms = ["none", "random_noise", "fitted_noise", "state_passing", "tbtt"]
+    jobs = sweep_jobs(post)
+    assert len(jobs) == 15
+    for job, (arm, seed) in zip(jobs, [(a, s) for a in arms for s in range(3)]):
+        ckpt = runs / "pretrain" / f"seed{seed}" / "checkpoints" / "last.ckpt"
+        got = effective("train", job)
+        assert got == effective("train", ["+experiment=lengthgen/post_train", f"intervention={arm}", f"seed={seed}",
+                                          "logger=csv", f"init_from={ckpt}"])
+        assert got["config"]["init_from"] == str(ckpt) and got["config"]["data"]["seed"] == seed
+        assert job_dir(post, job) == runs / "post_train" / f"{arm}+seed{seed}"
+    assert reader.args[:2] == ["lengthgen", str(runs)]
+
+
+def test_make_repro_lengthgen_passes_args_to_both_stages_and_post_args_to_the_second(tmp_path):
+    pretrain, post, _ = make_commands("repro-lengthgen", LENGTHGEN_RUNS=str(tmp_path), ARGS="seed=3",
+                                      POST_ARGS="intervention=none,tbtt")
+    assert [effective("train", j)["config"]["seed"] for j in sweep_jobs(pretrain)] == [3]
+    assert [(effective("train", j)["config"]["intervention"]["name"], effective("train", j)["config"]["seed"])
+            for j in sweep_jobs(post)] == [("none", 3), ("tbtt", 3)]
 
 
 # Small enough to run in a test: tiny streams, two training steps, a 4x-T length report.
@@ -125,26 +135,22 @@ TINY_LENGTHGEN = ["trainer.max_steps=2", "trainer.val_check_interval=2", "traine
 
 @pytest.mark.slow
 def test_make_repro_lengthgen_end_to_end(tmp_path):
-    """The real target, shrunk through ARGS: a multirun of two arms, then the reader's table from their files."""
+    """The real target, shrunk through ARGS: one seed pretrained, post-trained with two interventions, then the
+    reader's table from their files."""
     runs, out = tmp_path / "runs", tmp_path / "out"
-    args = " ".join(["intervention=none,tbtt", *TINY_LENGTHGEN])
+    args = " ".join(["seed=0", *TINY_LENGTHGEN])
     proc = subprocess.run(["make", "repro-lengthgen", f"VENV={VENV}", f"LENGTHGEN_RUNS={runs}",
-                           f"LENGTHGEN_OUT={out}", f"ARGS={args}"], cwd=CONF.parent, capture_output=True, text=True,
+                           f"LENGTHGEN_OUT={out}", f"ARGS={args}", "POST_ARGS=intervention=none,tbtt"],
+                          cwd=CONF.parent, capture_output=True, text=True,
                           env={**os.environ, "WANDB_MODE": "offline"}, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert [a["arm"] for a in results["arms"]] == ["baseline", "tbtt"]
+    assert [a["arm"] for a in results["arms"]] == ["pretrained", "none", "tbtt"]
     table = (out / "table.md").read_text().splitlines()
-    assert table[0] == f'Command: `make repro-lengthgen ARGS="{args}"`'
-    for job_dir, arm, label in ((runs / "0", "baseline", "none"), (runs / "1", "tbtt", "TBTT")):
-        result = json.loads((job_dir / "result.json").read_text())
-        report = json.loads(next((job_dir / "length_eval").glob("step*/loss_by_position.json")).read_text())
-        usage = result["resources"]
+    assert table[0] == f'Command: `make repro-lengthgen ARGS="{args}" POST_ARGS="intervention=none,tbtt"`'
+    for job, arm in ((runs / "pretrain" / "seed0", "pretrained"), (runs / "post_train" / "none+seed0", "none"),
+                     (runs / "post_train" / "tbtt+seed0", "tbtt")):
+        usage = json.loads((job / "result.json").read_text())["resources"]
         assert usage["threads"] == 1 and usage["peak_rss_since"] == "job start" and usage["peak_rss_mb"] > 100
-        row = next(line for line in table if line.startswith(f"| {label} |")).split(" | ")
-        assert row[1] == f"{report['scalars']['target_last_bucket_over_train_half']:.2f}"
-        assert row[-2:] == [f"{usage['wall_seconds']:.0f}", f"{usage['peak_rss_mb']:.0f} |"]
-        assert (out / "logs" / f"{arm}.log").read_text() == (job_dir / "train.log").read_text()
-    summary = (runs / "summary.md").read_text()
-    assert "| wall time (s) | peak RSS (MB) |" in summary.splitlines()[0]
+        assert (out / "logs" / f"{arm}_seed0.log").read_text() == (job / "train.log").read_text()
     assert (out / "figure.png").stat().st_size > 0

@@ -47,6 +47,12 @@ class InterventionConfig:
                  f"intervention=tbtt needs data.stream_mode=contiguous (row i of batch t must continue row i of "
                  f"batch t-1), got {mode!r}")
         if model is not None and self.include_attention and self.name in PASSING and "A" in model.layer_pattern:
-            need(model.attn.kind != "full", "intervention.include_attention",
-                 "model.attn.kind=full caches every past key, so passing it from batch to batch grows memory "
-                 "without bound; use a sliding-window kind (swa) or include_attention=false")
+            a = model.attn
+            # se_attn (the paper's) retrieves blocks from the whole prefix, so its streamed state is every past key
+            # too; se_attn_window with max_memory_blocks=None keeps every key as well.
+            unbounded = a.kind in ("full", "se_attn") or (a.kind == "se_attn_window" and a.max_memory_blocks is None)
+            what = f"model.attn.kind={a.kind}" + (" with max_memory_blocks=null" if a.kind == "se_attn_window" else "")
+            need(not unbounded, "intervention.include_attention",
+                 f"{what} caches every past key, so passing it from batch to batch grows memory without bound; "
+                 "use a sliding-window kind (swa), se_attn_window with model.attn.max_memory_blocks set, or "
+                 "include_attention=false")

@@ -92,6 +92,20 @@ class AttentionConfig:
              f"got {m!r}")
         need(isinstance(self.shared, bool), "model.attn.shared", f"must be true or false, got {self.shared!r}")
 
+    def check_se_geometry(self, seq_len: int) -> None:
+        """se_attn trained on rows of seq_len tokens: with every chunk size, the last chunk of a row must have a past
+        of more than top_k whole blocks, or retrieval takes every block and SE-Attn is full attention (or a chunk
+        with no past at all). Called by the top-level Config, which knows data.seq_len."""
+        for m in self.chunk_sizes:
+            need(m < seq_len, "model.attn.chunk_sizes",
+                 f"chunk size {m} >= data.seq_len={seq_len}: a row would be one chunk with nothing to retrieve; "
+                 f"use chunk sizes below the training length (the paper: {{T, 2T}} when fine-tuning at 4T-8T)")
+            last_start = (-(-seq_len // m) - 1) * m
+            need(last_start // self.block_size > self.top_k, "model.attn.top_k",
+                 f"with chunk size {m}, the last chunk of a {seq_len}-token row (from token {last_start}) has "
+                 f"{last_start // self.block_size} whole past blocks of {self.block_size}; top_k={self.top_k} would "
+                 "retrieve all of them (full attention): lower top_k or the chunk size, or raise data.seq_len")
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)

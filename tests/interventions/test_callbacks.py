@@ -62,6 +62,13 @@ def test_validate_with_data_and_model():
     with pytest.raises(ValueError, match=r"^intervention.include_attention: model.attn.kind=full"):
         InterventionConfig(name="state_passing", include_attention=True).validate(model=tiny_model_cfg(kind="full"))
     InterventionConfig(name="state_passing", include_attention=True).validate(model=tiny_model_cfg(kind="swa"))
+    # the paper's SE-Attn retrieves from the whole prefix, and the windowed one keeps every key unless bounded
+    for kind in ("se_attn", "se_attn_window"):
+        with pytest.raises(ValueError, match=rf"^intervention.include_attention: model.attn.kind={kind}.* every past"):
+            InterventionConfig(name="tbtt", include_attention=True).validate(model=tiny_model_cfg(kind=kind))
+    bounded = tiny_model_cfg(kind="se_attn_window")
+    bounded.attn.max_memory_blocks = 4
+    InterventionConfig(name="tbtt", include_attention=True).validate(model=bounded)
 
 
 def test_build_intervention_classes():

@@ -293,3 +293,24 @@ def test_registry_runs_the_torch_op_and_takes_its_per_op_override(torch_backends
     monkeypatch.setenv("HYBRIDLM_BACKEND_SE_ATTN", "torch")
     ops.configure("auto")
     assert "HYBRIDLM_BACKEND_SE_ATTN=torch" in ops.describe()
+
+
+@pytest.mark.parametrize("seq_len,attn,needle", [
+    # a chunk as long as the row: one chunk per row, nothing before it to retrieve
+    (256, dict(chunk_sizes=[128, 256]), r"^model\.attn\.chunk_sizes: chunk size 256 >= data\.seq_len=256"),
+    # chunk 64 in rows of 96: the last chunk starts at token 64, after 64 // 32 = 2 whole blocks; top_k 8 takes both
+    (96, dict(chunk_sizes=[64], block_size=32, top_k=8),
+     r"^model\.attn\.top_k: with chunk size 64, the last chunk of a 96-token row \(from token 64\) has 2 whole past "
+     r"blocks of 32; top_k=8"),
+])
+def test_a_chunk_set_the_training_length_cannot_use_is_refused_before_training(seq_len, attn, needle):
+    """The cross-check the top-level config makes (it knows data.seq_len), before anything is built."""
+    from hybridlm.config import Config
+    from hybridlm.data.config import DataConfig
+
+    cfg = Config(model=model_cfg(**attn), data=DataConfig(seq_len=seq_len))
+    with pytest.raises(ValueError, match=needle):
+        cfg.validate()
+    cfg.data.seq_len = 1024  # the paper's setting: chunks {T, 2T} = {128, 256}, S 32, k 8, rows of 8T
+    cfg.model.attn.chunk_sizes, cfg.model.attn.block_size, cfg.model.attn.top_k = [128, 256], 32, 8
+    cfg.validate()

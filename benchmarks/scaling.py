@@ -1,5 +1,6 @@
 """Time of each sequence-mixing op against sequence length (batch 1), forward and forward + backward: the SSD scan,
-sliding-window attention and SE-Attn's span attention should grow linearly, full causal attention quadratically.
+sliding-window attention, SE-Attn's span attention (the windowed variant) and the paper's SE-Attn (selection
+included; its block scoring is O(L^2 / S)) should grow linearly, full causal attention quadratically.
 
 Per op and length: the median of 3 timings; the op's FLOP count (benchmarks/flops.py: the matmul FLOPs of the
 useful work); the achieved fraction of the fp32 matmul peak measured in this run (the best of the measurements at
@@ -21,6 +22,9 @@ from benchmarks.flops import FWD_BWD, attention_flops, matmul_gflops, span_keys,
 
 H, P, N, CHUNK = 8, 32, 64, 64  # SSM: as the tiny model (8 heads of 32, d_state 64, one group)
 AH, AD, W, M, C, TOP_K = 4, 32, 256, 64, 64, 4  # attention: 4 heads of 32; SE-Attn window/block/chunk/top-k
+# The paper's SE-Attn (Nunez et al. 2025): query chunks of PM (the larger of {T, 2T} = {128, 256} of make
+# repro-sespan), memory blocks of PS = 32, top PK = 8 (Sec. 4.2), per-head selection, selection included.
+PM, PS, PK = 256, 32, 8
 
 # An op at length L: make(L, requires_grad) -> (run: () -> output tensor, forward FLOPs or None)
 Maker = Callable[[int, bool], tuple[Callable[[], torch.Tensor], float | None]]
@@ -66,6 +70,20 @@ def _span(L: int, grad: bool):
             attention_flops(1, 1, AD, span_keys(selected, L, W, M, C)))
 
 
+def _se_paper(L: int, grad: bool):
+    from hybridlm.kernels.se_attention.torch_ref import se_attention_torch
+
+    q, k, v = _qkv(L, grad)
+    # Useful work: each query sees its chunk causally plus the chunk's retrieved blocks (chunk i has min(k, i*M/S)
+    # eligible blocks); the selection's scoring, O(d L^2 / S), is left out of the count.
+    keys, n = 0, -(-L // PM)
+    for i in range(n):
+        rows = min(PM, L - i * PM)
+        keys += rows * (rows + 1) // 2 + rows * min(PK, (i * PM) // PS) * PS
+    return (lambda: se_attention_torch(q, k, v, chunk_size=PM, block_size=PS, top_k=PK),
+            attention_flops(1, AH, AD, keys))
+
+
 def _select_only(L: int, grad: bool):
     return _selection(L)[3], None
 
@@ -78,7 +96,7 @@ def _full(L: int, grad: bool):
 
 FULL = "full attention (SDPA)"
 OPS: dict[str, Maker] = {"SSM (ssd_scan)": _ssd, f"SWA W={W}": _swa, f"SE-Attn W={W}+{TOP_K}x{M}": _span,
-                         FULL: _full}
+                         f"SE-Attn (paper) M={PM} S={PS} k={PK}": _se_paper, FULL: _full}
 SELECTION = f"SE-Attn selection (select_blocks, C={C})"
 
 

@@ -23,11 +23,16 @@ EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix(""))
 TINY = [*TINY_MODEL, "model.ssm.chunk_size=16", "data.seq_len=32", *TWO_STEPS, "trainer.enable_progress_bar=false",
         "logger=csv", "eval.every_n_val=0", "eval.at_fit_end=false", "checkpoint.save_best=false", "compile=false"]
 # Experiments that continue a trained model (`required: [init_from]`), and the experiment that trains it.
-STARTS_FROM = {"lengthgen/post_train": "lengthgen/baseline", "sespan/adapt": "sespan/pretrain"}
+STARTS_FROM = {"lengthgen/post_train": "lengthgen/baseline", "sespan/adapt": "sespan/pretrain",
+               "lengthgen/mamba2_370m": "lengthgen/passkey"}
+# Experiments for a GPU and a hub dataset (neither here): trained on the CPU and the stdlib corpus, the rest as is.
+OFFLINE = ["data=stdlib", "data.streaming=false", "data.max_documents=0", "trainer=default"]
 
 
 def compose_experiment(name, extra=()):
     cfg = compose_config("train", [f"+experiment={name}", *TINY, *extra])
+    if cfg.data.source == "hub":
+        cfg = compose_config("train", [f"+experiment={name}", *TINY, *OFFLINE, *extra])
     syn = cfg.data.synthetic
     if syn.task == "passkey" and (cfg.data.source == "synthetic" or cfg.data.mix_prob > 0):
         # passkey rows need room for the needle, question and answer (79 byte tokens): rows of 96 here

@@ -160,3 +160,41 @@ def test_lengthgen_reader_refuses_a_folder_without_runs(tmp_path):
 def test_sespan_jobs_are_told_apart_by_their_stage(overrides, expected_stage):
     job = Job(dir=Path("/j"), overrides=overrides, status="ok", error=None, metrics={}, out_dir=Path("/j"))
     assert stage(job) == expected_stage
+
+
+def failure_report(report: Path, step: int, tokens: int, params: int, ratio: float, norm_ratio: float) -> None:
+    report.mkdir(parents=True)
+    (report / "progress.json").write_text(json.dumps({"step": step, "train_tokens": tokens, "seq_len": 32,
+                                                      "parameters": params, "non_embedding_parameters": params - 10}))
+    (report / "loss_by_position.json").write_text(json.dumps({"scalars": {
+        "last_bucket_over_train_half": 1.0, "loss_within_T": 2.0, "loss_beyond_T": 2.0,
+        "target_last_bucket_over_train_half": ratio, "target_loss_within_T": 0.5, "target_loss_beyond_T": 0.5 * ratio}}))
+    (report / "state_norms.json").write_text(json.dumps({"scalars": {"final_over_at_T": norm_ratio}}))
+
+
+def test_failure_map_from_runs_still_going(tmp_path):
+    """Runs need only their config and reports (no result.json: a sweep still running or stopped); each report is
+    one point at its tokens per parameter; a run fails from its first report with ratio >= 1.3."""
+    model = {"d_model": 32, "ssm": {"d_state": 16, "expand": 2, "d_inner": None, "dt_max": 0.1}}
+    for name, d_state, ratios in (("small", 16, [1.1, 1.5, 2.0]), ("large", 64, [1.2, 0.9, 0.8])):
+        run = tmp_path / "runs" / name
+        (run / ".hydra").mkdir(parents=True)
+        cfg = {"seed": 0, "data": {"seq_len": 32, "source": "synthetic", "synthetic": {"task": "recall_stream"}},
+               "model": {**model, "ssm": {**model["ssm"], "d_state": d_state}}}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+            {"hydra": {"runtime": {"choices": {"experiment/lengthgen/task": "recall_fresh"}}}}))
+        for i, r in enumerate(ratios):
+            failure_report(run / "length_eval" / f"step{500 * (i + 1):07d}", 500 * (i + 1), 1000 * (i + 1), 100, r,
+                           1.5)
+    out = tmp_path / "out"
+    assert main(["failure_map", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == "Command: `make failure-map`"
+    # state/T = d_inner (2 x 32) x d_state / T; tokens per parameter = tokens / 100
+    assert "| recall_fresh T=32 d_state=16 dt_max=0.1 | 100 | 32 | 3 | 0.0M | 30 | 2.00 | 2.00 (30) | 20 |" in table
+    assert "| recall_fresh T=32 d_state=64 dt_max=0.1 | 100 | 128 | 3 | 0.0M | 30 | 0.80 | 1.20 (10) | never |" in table
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [p["tokens_per_parameter"] for p in runs[1]["points"]] == [10, 20, 30]
+    assert runs[1]["points"][0]["state_norm_final_over_at_T"] == 1.5 and runs[1]["points"][0]["on"] == "recall answers"
+    assert (out / "figure.png").stat().st_size > 0

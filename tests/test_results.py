@@ -168,7 +168,8 @@ def failure_report(report: Path, step: int, tokens: int, params: int, ratio: flo
                                                       "parameters": params, "non_embedding_parameters": params - 10}))
     (report / "loss_by_position.json").write_text(json.dumps({"scalars": {
         "last_bucket_over_train_half": 1.0, "loss_within_T": 2.0, "loss_beyond_T": 2.0,
-        "target_last_bucket_over_train_half": ratio, "target_loss_within_T": 0.5, "target_loss_beyond_T": 0.5 * ratio}}))
+        "target_last_bucket_over_train_half": ratio, "target_loss_within_T": 0.5,
+        "target_loss_beyond_T": 0.5 * ratio}}))
     (report / "state_norms.json").write_text(json.dumps({"scalars": {"final_over_at_T": norm_ratio}}))
 
 

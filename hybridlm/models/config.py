@@ -93,18 +93,25 @@ class AttentionConfig:
         need(isinstance(self.shared, bool), "model.attn.shared", f"must be true or false, got {self.shared!r}")
 
     def check_se_geometry(self, seq_len: int) -> None:
-        """se_attn trained on rows of seq_len tokens: with every chunk size, the last chunk of a row must have a past
-        of more than top_k whole blocks, or retrieval takes every block and SE-Attn is full attention (or a chunk
-        with no past at all). Called by the top-level Config, which knows data.seq_len."""
-        for m in self.chunk_sizes:
-            need(m < seq_len, "model.attn.chunk_sizes",
-                 f"chunk size {m} >= data.seq_len={seq_len}: a row would be one chunk with nothing to retrieve; "
-                 f"use chunk sizes below the training length (the paper: {{T, 2T}} when fine-tuning at 4T-8T)")
-            last_start = (-(-seq_len // m) - 1) * m
-            need(last_start // self.block_size > self.top_k, "model.attn.top_k",
-                 f"with chunk size {m}, the last chunk of a {seq_len}-token row (from token {last_start}) has "
-                 f"{last_start // self.block_size} whole past blocks of {self.block_size}; top_k={self.top_k} would "
-                 "retrieve all of them (full attention): lower top_k or the chunk size, or raise data.seq_len")
+        """se_attn trained on rows of seq_len tokens: with at least one of the chunk sizes, the last chunk of a row
+        must have a past of more than top_k whole blocks; otherwise every layer call takes every past block (or a
+        chunk is the whole row) and SE-Attn is full attention. Called by the top-level Config, which knows
+        data.seq_len."""
+        def past_blocks(m: int) -> int:  # whole blocks before the last chunk of a row
+            return ((-(-seq_len // m) - 1) * m) // self.block_size
+
+        if any(m < seq_len and past_blocks(m) > self.top_k for m in self.chunk_sizes):
+            return
+        smallest = min(self.chunk_sizes)
+        need(smallest < seq_len, "model.attn.chunk_sizes",
+             f"every chunk size ({list(self.chunk_sizes)}) is >= data.seq_len={seq_len}: a row would be one chunk with "
+             "nothing to retrieve; use chunk sizes below the training length (the paper: {T, 2T} when fine-tuning "
+             "at 4T)")
+        need(False, "model.attn.top_k",
+             f"with every chunk size ({list(self.chunk_sizes)}), the last chunk of a {seq_len}-token row has at most "
+             f"{max(past_blocks(m) for m in self.chunk_sizes if m < seq_len)} whole past blocks of "
+             f"{self.block_size}; top_k={self.top_k} would retrieve all of them (full attention): lower top_k or the "
+             "chunk sizes, or raise data.seq_len")
 
 
 def _is_int(x) -> bool:

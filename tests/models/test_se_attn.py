@@ -296,12 +296,14 @@ def test_registry_runs_the_torch_op_and_takes_its_per_op_override(torch_backends
 
 
 @pytest.mark.parametrize("seq_len,attn,needle", [
-    # a chunk as long as the row: one chunk per row, nothing before it to retrieve
-    (256, dict(chunk_sizes=[128, 256]), r"^model\.attn\.chunk_sizes: chunk size 256 >= data\.seq_len=256"),
-    # chunk 64 in rows of 96: the last chunk starts at token 64, after 64 // 32 = 2 whole blocks; top_k 8 takes both
-    (96, dict(chunk_sizes=[64], block_size=32, top_k=8),
-     r"^model\.attn\.top_k: with chunk size 64, the last chunk of a 96-token row \(from token 64\) has 2 whole past "
-     r"blocks of 32; top_k=8"),
+    # chunks as long as the row: one chunk per row, nothing before it to retrieve
+    (256, dict(chunk_sizes=[256, 512]), r"^model\.attn\.chunk_sizes: every chunk size \(\[256, 512\]\) is >= "
+                                        r"data\.seq_len=256"),
+    # rows of 256, chunks {128, 256}: chunk 128's last chunk starts at token 128, after 4 whole blocks of 32; top_k 8
+    # takes them all, and chunk 256 is the whole row (the default data.seq_len with the default chunk set)
+    (256, dict(chunk_sizes=[128, 256], block_size=32, top_k=8),
+     r"^model\.attn\.top_k: with every chunk size \(\[128, 256\]\), the last chunk of a 256-token row has at most 4 "
+     r"whole past blocks of 32; top_k=8"),
 ])
 def test_a_chunk_set_the_training_length_cannot_use_is_refused_before_training(seq_len, attn, needle):
     """The cross-check the top-level config makes (it knows data.seq_len), before anything is built."""
@@ -313,4 +315,6 @@ def test_a_chunk_set_the_training_length_cannot_use_is_refused_before_training(s
         cfg.validate()
     cfg.data.seq_len = 1024  # the paper's setting: chunks {T, 2T} = {128, 256}, S 32, k 8, rows of 8T
     cfg.model.attn.chunk_sizes, cfg.model.attn.block_size, cfg.model.attn.top_k = [128, 256], 32, 8
+    cfg.validate()
+    cfg.data.seq_len = 512  # one chunk size that leaves a choice is enough (256 has a past of 8 blocks, 128 of 12)
     cfg.validate()

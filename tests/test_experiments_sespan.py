@@ -119,7 +119,7 @@ def test_pretrains_a_hybrid_at_T_on_text(stages):
     attn = cfg["model"]["attn"]
     assert cfg["model"]["layer_pattern"] == "MMAM" and (attn["kind"], attn["window"]) == ("swa", 128)
     assert cfg["data"]["seq_len"] == 128 and cfg["data"]["source"] != "synthetic"  # text, with passkey rows
-    assert cfg["data"]["synthetic"]["task"] == "passkey" and cfg["data"]["synthetic"]["passkey_filler"] == "corpus"
+    assert cfg["data"]["synthetic"]["task"] == "passkey" and cfg["data"]["synthetic"]["passkey_filler"] == "mixed"
     assert job_dir(pre, job) == runs / "pretrain"
 
 

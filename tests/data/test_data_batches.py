@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hybridlm.data import DataConfig, HybridDataModule, SyntheticConfig
+from hybridlm.data.synthetic import NEUTRAL_FILLER
 
 
 @pytest.fixture
@@ -190,6 +191,19 @@ def test_mixing_synthetic_rows_into_text(corpus, helpers):
         answer = [t for t in batch["labels"][i].tolist() if t != -100]
         assert bytes(answer).decode() == f" {key}"
         assert any(text[:12] in d for d in docs)  # the filler is corpus text
+    # mixed: each passkey row's haystack is the neutral sentences or corpus text, both over a few batches
+    dm_mixed = _dm(path, seq_len=128, batch_size=8, mix_prob=1.0,
+                   synthetic=SyntheticConfig(task="passkey", passkey_filler="mixed"))
+    kinds = set()
+    for k in range(3):
+        batch = dm_mixed.train_batch(k)
+        for i in range(8):
+            text = bytes(t for t in _window(batch, i).tolist() if t < 256).decode()
+            # the haystack is the text around the needle sentence, before the question
+            needle = re.search(r"The pass key is \d{5}\. Remember it\. ", text)
+            hay = text[:needle.start()] + text[needle.end():text.index("What is the pass key?")]
+            kinds.add("neutral" if hay == (NEUTRAL_FILLER * 10)[:len(hay)] else "corpus")
+    assert kinds == {"neutral", "corpus"}
 
 
 def test_batch_size_and_region_errors(corpus):

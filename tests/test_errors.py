@@ -191,6 +191,12 @@ def test_vocabulary_smaller_than_the_tokenizer(tmp_path, files):
                       DataError, f"fixed by the checkpoint ckpt_path={files / 'mamba_ssm'}; pass the tokenizer it "
                       "was trained with (data.tokenizer=DIR): none is stored beside it")
     assert "set model.vocab_size" not in line
+    # ... or, when it was trained with this very tokenizer on a synthetic task's smaller vocabulary, that task.
+    from hybridlm.data.tokenizers import ByteTokenizer, check_vocab
+    with pytest.raises(DataError, match=r"^data\.tokenizer: vocab size 257 of 'byte' exceeds the model's vocab_size "
+                                        r"112, fixed by the checkpoint ckpt_path=x\.ckpt, which was trained with "
+                                        r"this tokenizer on data whose ids stay below 112 \(a synthetic task\?\)"):
+        check_vocab(ByteTokenizer(), 112, "ckpt_path=x.ckpt", checkpoint_tokenizer="byte")
 
 
 def test_window_longer_than_every_document_or_the_corpus(tmp_path, files):

@@ -175,6 +175,11 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int | None, checkpoint: 
                f"vocab_size {model_vocab_size}")
     if checkpoint is None:
         raise DataError(f"{problem}; set model.vocab_size >= {tokenizer.vocab_size}")
+    if checkpoint_tokenizer is not None and checkpoint_tokenizer == tokenizer.name:
+        # Same tokenizer as the checkpoint's run: that run's data used fewer ids (a synthetic task's vocabulary).
+        raise DataError(f"{problem}, fixed by the checkpoint {checkpoint}, which was trained with this tokenizer on "
+                        f"data whose ids stay below {model_vocab_size} (a synthetic task?): give that run's data "
+                        "settings (data.source=synthetic data.synthetic.task=..., or its +experiment=...)")
     if checkpoint_tokenizer is not None:
         raise DataError(f"{problem}, fixed by the checkpoint {checkpoint}; pass the checkpoint's tokenizer: "
                         f"data.tokenizer={checkpoint_tokenizer}")

@@ -17,15 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hybridlm.data.errors import DataError
 from hybridlm.data.synthetic import copy_row, passkey_prompt
 from hybridlm.data.tokenizers import Tokenizer
 from hybridlm.eval.streaming import chunks, greedy_generate, model_device
 
 
 def _check_vocab(model, max_id: int, what: str) -> None:
+    # A DataError (one line from the entry points, not a traceback): e.g. the passkey text of a byte tokenizer
+    # against a model trained on a synthetic task's smaller vocabulary.
     if max_id >= model.cfg.vocab_size:
-        raise ValueError(f"{what}: token id {max_id} is outside the model's vocabulary (model.vocab_size="
-                         f"{model.cfg.vocab_size})")
+        raise DataError(f"eval.diagnostics: {what}: token id {max_id} is outside the model's vocabulary "
+                        f"(model.vocab_size={model.cfg.vocab_size}); remove it from eval.diagnostics for this model")
 
 
 @torch.no_grad()

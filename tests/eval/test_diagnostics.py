@@ -168,7 +168,10 @@ def test_copy_accuracy_teacher_forced_matches_direct_argmax():
     rows = copy_batch(5, 20, 3, np.random.default_rng(3))  # the same rows: same seed, first length
     pred = model(rows)[0].argmax(-1)[:, 5:10]
     assert math.isclose(acc[0].item(), (pred == rows[:, :5]).double().mean().item())
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    from hybridlm.data.errors import DataError  # one line from the entry points, naming the key
+
+    with pytest.raises(DataError, match=r"^eval\.diagnostics: copy \(eval\.copy_vocab_size\): token id 29 is "
+                                        r"outside the model's vocabulary \(model\.vocab_size=20\)"):
         copy_accuracy(model, [5], 30, 1, 4)
 
 

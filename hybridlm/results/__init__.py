@@ -8,6 +8,7 @@ tables and figures of `make repro-*`:
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -113,3 +114,14 @@ def last_finished(jobs: list[Job]) -> Optional[Job]:
     """The job that ended last (its resources say how loaded the machine was at the end)."""
     timed = [j for j in jobs if "ended" in j.resources]
     return max(timed, key=lambda j: datetime.fromisoformat(j.resources["ended"])) if timed else None
+
+
+def finite(x: Any) -> Optional[float]:
+    """x as a float, None for a missing or NaN value (e.g. a loss bucket without recall answers)."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A table cell: the number with `digits` decimals, "n/a" when it is missing or NaN."""
+    x = finite(x)
+    return "n/a" if x is None else f"{x:.{digits}f}"

@@ -8,13 +8,11 @@ runs and again after `resume=auto` has continued it. Writes {out}/table.md, resu
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
-from hybridlm.results import _natural
+from hybridlm.results import _natural, fmt
 
 FAILS_AT = 1.3  # issue 13: a baseline "fails" with ratio >= 1.3 at 8T-16T
 
@@ -69,10 +67,6 @@ def label(r: dict) -> str:
     return f"{r['task']} T={r['T']} d_state={r['d_state']} dt_max={r['dt_max']:g}"
 
 
-def fmt(x: Optional[float], digits: int = 2) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
 def write_table(rows: list[dict], path: Path, command: str) -> None:
     lines = [f"Command: `{command}`", "",
              f"Failure ratio = loss in the last position bucket (8T-16T) / loss over [T/2, T), from a zero state, on "
@@ -91,16 +85,16 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
         first_at = "never" if first is None else f"{first['tokens_per_parameter']:.0f}"
         lines.append(f"| {label(r)} | {pts[-1]['parameters']:,} | {r['state_per_T']:.0f} | {len(pts)} | "
                      f"{pts[-1]['train_tokens'] / 1e6:.1f}M | {pts[-1]['tokens_per_parameter']:.0f} | "
-                     f"{fmt(pts[-1]['ratio'])} | {fmt(worst['ratio'])} ({worst['tokens_per_parameter']:.0f}) | "
+                     f"{fmt(pts[-1]['ratio'], 2)} | {fmt(worst['ratio'], 2)} ({worst['tokens_per_parameter']:.0f}) | "
                      f"{first_at} |")
     lines += ["", "Every report (ratio / loss within T / loss beyond T / final state norm over the norm at T):", ""]
     for r in rows:
         lines += [f"**{label(r)}** (`{r['dir']}`)", "",
                   "| tokens | tokens/param | ratio | loss within T | loss beyond T | state norm 16T/T | EffRem(T/2) |",
                   "|---|---|---|---|---|---|---|"]
-        lines += [f"| {p['train_tokens'] / 1e6:.1f}M | {p['tokens_per_parameter']:.0f} | {fmt(p['ratio'])} | "
+        lines += [f"| {p['train_tokens'] / 1e6:.1f}M | {p['tokens_per_parameter']:.0f} | {fmt(p['ratio'], 2)} | "
                   f"{fmt(p['loss_within_T'], 3)} | {fmt(p['loss_beyond_T'], 3)} | "
-                  f"{fmt(p.get('state_norm_final_over_at_T'))} | {fmt(p.get('effrem_at_half_T'), 3)} |"
+                  f"{fmt(p.get('state_norm_final_over_at_T'), 2)} | {fmt(p.get('effrem_at_half_T'), 3)} |"
                   for p in r["points"]]
         lines.append("")
     path.write_text("\n".join(lines))

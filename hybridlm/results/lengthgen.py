@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from hybridlm.results import Job, read_jobs, wall_span_seconds
+from hybridlm.results import Job, finite, fmt, read_jobs, wall_span_seconds
 
 PRETRAINED = "pretrained"
 # arm -> label, in table order; an intervention not listed here comes after these under its own name
@@ -40,11 +40,6 @@ def latest_report(run_dir: Path) -> Optional[Path]:
 
 def arm_of(job: Job) -> str:
     return job.config["intervention"]["name"] if job.config.get("init_from") else PRETRAINED
-
-
-def finite(x: Any) -> Optional[float]:
-    """x as a float, None for a missing or NaN value (a bucket without recall answers)."""
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
 
 def max_steps(job: Job) -> Optional[int]:
@@ -161,10 +156,6 @@ def aggregate(records: list[dict]) -> dict:
             "recall_loss_max": [max(c, default=None) for c in recall],
             "state_norm_by_position": mean_curve(norm_curves),
             "effrem": mean_curve([r["effrem"] for r in ok if r.get("effrem")])}
-
-
-def fmt(x: Optional[float], digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def fmt_spread(s: Optional[dict], digits: int = 2) -> str:

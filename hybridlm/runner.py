@@ -55,7 +55,11 @@ CONF_DIR = Path(str(resources.files("hybridlm.conf")))
 def typed_config(cfg: DictConfig) -> Config:
     try:
         return to_config(cfg)
-    except (ValueError, OmegaConfBaseException) as e:
+    except OmegaConfBaseException as e:
+        # OmegaConf's str() adds context lines (full_key, reference_type, object_type): keep one line
+        key, msg = getattr(e, "full_key", None), str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key and not msg.startswith(f"{key}:") else msg) from e
+    except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
@@ -316,9 +320,15 @@ def evaluate(cfg: DictConfig, out_dir: Path, task_overrides: Optional[list[str]]
     ckpt = read_checkpoint_for("ckpt_path", typed.ckpt_path)
     path = ckpt.path
     typed.model = merge_model_config(ckpt.cfg, typed.model, explicit_model_keys(task_overrides))
-    user_set_data = any(o.lstrip("+~").startswith("data") for o in task_overrides)
-    if ckpt.run_config is not None and not user_set_data:
-        typed.data = to_config({"data": ckpt.run_config["data"]}).data  # evaluate on what it was trained on
+    data_keys = [k for k in (o.lstrip("+~").partition("=")[0] for o in task_overrides) if k.startswith("data")]
+    user_set_data = bool(data_keys)
+    if ckpt.run_config is not None and "data" not in data_keys:
+        # Evaluate on what it was trained on, with the data.* keys given here on top (data.seq_len=4096: the
+        # same task at another length); choosing a data file (data=files) replaces it whole.
+        data = OmegaConf.create({"data": ckpt.run_config["data"]})
+        for key in data_keys:
+            OmegaConf.update(data, key, OmegaConf.select(cfg, key), merge=False)
+        typed.data = typed_config(data).data
     elif typed.data.tokenizer == "byte" and find_tokenizer(path) is not None and not user_set_data:
         typed.data.tokenizer = str(find_tokenizer(path))  # an official checkpoint's own tokenizer
     typed.validate()

@@ -209,6 +209,13 @@ def test_window_longer_than_every_document_or_the_corpus(tmp_path, files):
                "lower seq_len or add documents")
 
 
+
+def test_interpolation_error_is_one_line_naming_the_key(tmp_path):
+    # ${div:a,0} (the failure map's batch size) fails while OmegaConf resolves: its own message adds 3 context lines
+    line = check_line(train_error(tmp_path, ["data.batch_size='${div:64,${data.val_batches}}'", "data.val_batches=0"]),
+                      ConfigError, "data.batch_size: ", "${div:64,0}: the divisor must be > 0")
+    assert "object_type" not in line, line
+
 def test_output_directory_not_writable(tmp_path, files):
     blocker = tmp_path / "a_file"
     blocker.write_text("")

@@ -55,6 +55,25 @@ def tiny_model(pattern: str = "MAM", *, seed: int = 0, dtype: torch.dtype = torc
     return model
 
 
+
+def randomize_ssm_params_(model: torch.nn.Module, seed: int, others: float | None = None) -> None:
+    """Non-trivial dt_bias / A_log / D / norm weights (their inits are constants or near-constants), drawn from
+    `seed`; `others`: every other parameter becomes others * N(0, 1) too (None: left as initialised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("dt_bias"):
+                p.copy_(0.5 * r - 1.0)  # softplus: dt in about [0.05, 0.7]
+            elif name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 0.5)
+            elif name.endswith(".D"):
+                p.copy_(r)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.2 * r)
+            elif others is not None:
+                p.copy_(others * r)
+
 # ------------------------------------------------------------------------------------- tiny training runs
 
 # The model shrunk to a few thousand parameters per layer (the conf's layer pattern and attention kind stay).

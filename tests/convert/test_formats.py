@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import randomize_ssm_params_
 
 from hybridlm.convert import (
     CheckpointError,
@@ -38,22 +39,6 @@ def hybrid_from(path):
 
 
 # ------------------------------------------------------------------------------------- transformers
-
-def randomize_ssm_params_(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial dt_bias / A_log / D / norm weights (their inits are constants or near-constants)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("dt_bias"):
-                p.copy_(0.5 * r - 1.0)
-            elif name.endswith("A_log"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 0.5)
-            elif name.endswith(".D"):
-                p.copy_(r)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * r)
-
 
 def make_hf_mamba2(tmp_path, n_groups: int, tie: bool, seed: int = 0):
     from transformers import Mamba2Config, Mamba2ForCausalLM

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+from helpers import randomize_ssm_params_
 from transformers.models.bamba import modeling_bamba
 from transformers.models.nemotron_h import modeling_nemotron_h
 
@@ -48,24 +49,6 @@ def transformers_torch_path(monkeypatch):
                 monkeypatch.setattr(module, name, fn.__wrapped__)
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter random and non-trivial (inits leave norms at 1, biases at 0, D at 1, A_log = log(1..h))."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if name.endswith("dt_bias"):
-                p.copy_(0.5 * r - 1.0)  # softplus: dt in about [0.05, 0.7]
-            elif name.endswith("A_log"):
-                p.copy_(torch.rand(p.shape, generator=g) * 2.0 - 0.5)
-            elif name.endswith(".D"):
-                p.copy_(r)
-            elif "norm" in name:
-                p.copy_(1.0 + 0.2 * r)
-            else:
-                p.copy_(0.1 * r)
-
-
 def make_nemotron_h(path, *, time_step_min=0.2, seed=0, vocab=VOCAB):
     """NemotronH with every layer kind; d_inner = 6 heads * 16 = 96 != expand * hidden = 144. time_step_min=0.2
     clamps dt for some heads (dt_bias spreads dt over about [0.05, 0.7])."""
@@ -78,7 +61,7 @@ def make_nemotron_h(path, *, time_step_min=0.2, seed=0, vocab=VOCAB):
         time_step_max=1.0, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     hf = NemotronHForCausalLM(config).eval()
-    randomize_(hf, seed)
+    randomize_ssm_params_(hf, seed, others=0.1)
     hf.save_pretrained(path)
     return hf
 
@@ -97,7 +80,7 @@ def make_bamba(path, *, time_step_limit=(0.2, 2.0), tie=False, head_dim=None, ro
         bos_token_id=None, eos_token_id=None, pad_token_id=None, **extra)
     torch.manual_seed(seed)
     hf = BambaForCausalLM(config).eval()
-    randomize_(hf, seed)
+    randomize_ssm_params_(hf, seed, others=0.1)
     hf.save_pretrained(path)
     return hf
 
@@ -215,7 +198,7 @@ def test_export_through_the_cli_loads_back_in_transformers(tmp_path, fmt):
 def random_hybrid(cfg: ModelConfig, seed: int = 0) -> HybridLM:
     torch.manual_seed(seed)
     model = HybridLM(cfg).eval()
-    randomize_(model, seed)
+    randomize_ssm_params_(model, seed, others=0.1)
     return model
 
 

@@ -109,3 +109,36 @@ def test_model_sized_shapes():
     torch.testing.assert_close(s, s_ref, rtol=1e-4, atol=1e-3)
     for a, r in zip(g_tri, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("factor_range", [None, 0.0])
+@pytest.mark.parametrize("with_d,use", [(True, "both"), (False, "both"), (True, "output"), (False, "state")])
+def test_torch_decay_paths_match_naive(monkeypatch, factor_range, with_d, use):
+    """torch_ref.py uses a chunk's decay matrix factored, exp(Acum_l - ref) exp(ref - Acum_s), in groups whose Acum
+    spread within a chunk is at most _FACTOR_RANGE, else as exp(Acum_l - Acum_s): here the first groups are
+    factored and the last (large dt) is not, or (factor_range 0) none is; with and without D, with only the output
+    or only the final state used."""
+    import hybridlm.kernels.ssd.torch_ref as ssd_ref
+
+    if factor_range is not None:
+        monkeypatch.setattr(ssd_ref, "_FACTOR_RANGE", factor_range)
+    monkeypatch.setattr(ssd_ref, "_GROUP_ELEMS", 2 * 6 * 16 * 16 * 2)  # two chunks per group (b h Q^2 each)
+    b, l, h, g, p, n, chunk = 2, 75, 6, 2, 3, 5, 16
+    torch.manual_seed(5)
+    dt = torch.nn.functional.softplus(torch.randn(b, l, h) - 1)
+    dt[:, 64:] = 6.0  # Acum spread 6 * 15 * |A| > 80 in the last chunks
+    args = [torch.randn(b, l, h, p), dt, -torch.rand(h) * 2 - 1, torch.randn(b, l, g, n), torch.randn(b, l, g, n),
+            torch.randn(h) if with_d else None, torch.randn(b, h, p, n)]
+    args = [a.double().requires_grad_() if a is not None else None for a in args]
+    y, s = ssd_ref.ssd_scan_torch(*args[:5], chunk, D=args[5], initial_state=args[6])
+    y_ref, s_ref = ssd_scan_naive(*args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(s, s_ref, rtol=1e-10, atol=1e-10)
+    gy, gs = torch.randn_like(y), torch.randn_like(s)
+    def loss(y, s):
+        return ((y * gy).sum() if use != "state" else 0) + ((s * gs).sum() if use != "output" else 0)
+    req = [a for a in args if a is not None]
+    g_ref = torch.autograd.grad(loss(y_ref, s_ref), req, allow_unused=True, materialize_grads=True)  # C: state only
+    for name, a, r in zip([nm for nm, t in zip(NAMES, args) if t is not None], torch.autograd.grad(loss(y, s), req),
+                          g_ref):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")

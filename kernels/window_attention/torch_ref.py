@@ -4,11 +4,12 @@ Convention: k/v hold `Lk >= Lq` positions and the last Lq of them belong to the 
 key index i + (Lk - Lq). A query sees key j iff j <= its own index and (window is None or j > index - window).
 
 Paths, all on torch's fused CPU flash kernel:
-  * banded, direct (a window shorter than the keys, CPU, equal head dims): queries in blocks of bq = 128; block n
+  * banded, direct (a window shorter than the keys, CPU, equal head dims): queries in blocks of bq = 64; block n
     attends to the one tile of T = bq + W - 1 keys (rounded up to a multiple of 16: the kernel is ~10% faster on
     aligned widths) its queries can see, through one (bq, T) band mask; the tiles are strided views of k/v and
-    the blocks go, a few at a time, into the flash forward op as batch entries: (bq + W - 1) / W times the useful
-    FLOPs, linear in length. The queries with fewer than W - 1 earlier keys (head) and the last < 2 bq queries
+    the blocks go, ~2M tile elements at a time, into the flash forward op as batch entries: T / W times the
+    useful FLOPs (1.25 at W = 256; bq = 64 beat 96 and 128 at head dims 32-128 in interleaved A/B runs, though
+    the old SDPA path's 128 was best there), linear in length. The queries with fewer than W - 1 earlier keys (head) and the last < 2 bq queries
     (tail) are small masked calls of their own. A custom autograd.Function calls the flash forward and backward
     ops (aten::_scaled_dot_product_flash_attention_for_cpu[_backward]) itself and writes the output and the
     gradients into one buffer each: the earlier SDPA-autograd version padded q/k/v, concatenated the head, and
@@ -129,12 +130,12 @@ def _banded_sdpa(q: Tensor, k: Tensor, v: Tensor, window: int, scale: Optional[f
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-# Queries per block of the direct banded path (W = 256, head dims 32-128; see the module docstring).
-_BQ = 128
+# Queries per block of the direct banded path (measured at W = 256, head dims 32-128; see the module docstring).
+_BQ = 64
 _ALIGN = 16
 # Key-tile elements per flash call: the kernel's buffers (zero-filled tile gradients) then come from the heap
 # and stay in cache instead of being fresh, page-faulting allocations of the whole sequence's tiles.
-_GROUP_ELEMS = 1 << 19
+_GROUP_ELEMS = 1 << 21
 
 
 def _band_bias(rows: int, cols: int, q0: int, k0: int, window: int, dtype: torch.dtype, device) -> Tensor:

@@ -195,11 +195,30 @@ def _pieces(q: Tensor, k: Tensor, v: Tensor, W: int, bq: int, *per_query: Tensor
 
 
 def _add_tiles(acc: Tensor, g: Tensor, k0: int, bq: int) -> None:
-    """acc (b, hkv, lk, e) += the tile gradients g (nb, b*hkv, T, e) of the tiles starting at key k0 + j*bq."""
-    T = g.shape[2]
-    for i in range(0, T, bq):
-        w = min(bq, T - i)
-        _rows(acc, k0 + i, g.shape[0], w, bq).add_(g[:, :, i: i + w])
+    """acc (b, hkv, lk, e) += the tile gradients g (nb, b*hkv, T, e) of the tiles starting at key k0 + j*bq.
+    Key block p gets slice i (keys [i*bq, (i+1)*bq) of a tile) of tile p - i: for the blocks that all m = T // bq
+    slices reach, one strided view of g sums them in one reduction (a strided view because stepping to the next
+    tile and back one slice is a positive stride), instead of m read-modify-write passes over acc."""
+    nb, _, T, _ = g.shape
+    m = T // bq
+    if nb < m or m < 2:
+        for i in range(0, T, bq):
+            _rows(acc, k0 + i, nb, min(bq, T - i), bq).add_(g[:, :, i: i + bq])
+        return
+    s0, s1, s2, s3 = g.stride()
+    inner = nb - m + 1  # blocks p = m-1 .. nb-1 get all m slices
+    diag = g.as_strided((inner, m, bq, g.shape[1], g.shape[3]), (s0, s0 - bq * s2, s2, s1, s3),
+                        g.storage_offset() + (m - 1) * bq * s2)
+    _rows(acc, k0 + (m - 1) * bq, inner, bq).add_(diag.sum(1).transpose(1, 2))
+    for i in range(m):  # the first m - 1 and the last m - 1 blocks, slice by slice
+        lo = min(nb, max(0, m - 1 - i))  # tiles j < lo: block j + i < m - 1
+        if lo:
+            _rows(acc, k0 + i * bq, lo, bq).add_(g[:lo, :, i * bq: (i + 1) * bq])
+        hi = max(lo, nb - i)  # tiles j >= nb - i: block j + i >= nb
+        if hi < nb:
+            _rows(acc, k0 + (hi + i) * bq, nb - hi, bq).add_(g[hi:, :, i * bq: (i + 1) * bq])
+    if T > m * bq:
+        _rows(acc, k0 + m * bq, nb, T - m * bq, bq).add_(g[:, :, m * bq:])
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -51,12 +51,14 @@ def test_softmax_scale_and_non_contiguous_inputs():
     (1, 2, 2, 150, 203, 33),  # cached keys before the queries: no head
     (1, 2, 1, 64, 64, 16),  # the queries an exact number of blocks
 ])
-def test_torch_banded_path_in_small_blocks_and_groups(monkeypatch, b, h, hkv, lq, lk, window):
-    """The torch op's direct banded path (CPU flash ops) with blocks of 16 queries and one block per call: tiles
-    as strided views, head and tail calls, tile gradients summed into dk/dv; against the naive op."""
+@pytest.mark.parametrize("bq,group", [(16, 1), (16, 1 << 30), (24, 1 << 30)])
+def test_torch_banded_path_in_small_blocks_and_groups(monkeypatch, b, h, hkv, lq, lk, window, bq, group):
+    """The torch op's direct banded path (CPU flash ops) with small blocks, one block or all blocks per call:
+    tiles as strided views, head and tail calls, tile gradients summed into dk/dv (slice by slice, or through the
+    diagonal view; blocks of 24 leave a partial last slice); against the naive op."""
     import hybridlm.kernels.window_attention.torch_ref as ops
-    monkeypatch.setattr(ops, "_BQ", 16)
-    monkeypatch.setattr(ops, "_GROUP_ELEMS", 1)
+    monkeypatch.setattr(ops, "_BQ", bq)
+    monkeypatch.setattr(ops, "_GROUP_ELEMS", group)
     torch.manual_seed(lq + lk)
     q, k, v = (torch.randn(b, n, length, 8, requires_grad=True)
                for n, length in ((h, lq), (hkv, lk), (hkv, lk)))

@@ -16,7 +16,8 @@ attention is instead two flash calls per group of chunks merged through their lo
 causal call on strided views of q/k/v (no mask; the kernel skips the upper triangle, half the work of the own
 chunk) and the retrieved blocks a call against their gathered keys; its backward calls the flash backward op
 with the merged output and logsumexp (each part's exact share of the gradients). This replaces the copies of the
-concatenated [retrieved ; chunk] keys with a bias channel (~1.3x faster forward and forward + backward at 16K).
+concatenated [retrieved ; chunk] keys with a bias channel (fwd+bwd, selection included: 1.2x at 4K, 1.4x at 16K,
+1.6x at 64K).
 """
 from __future__ import annotations
 

@@ -11,7 +11,13 @@ with fewer than top_k eligible blocks). Everything is computed under no_grad: gr
 the attention only, never through which blocks were chosen.
 
 Memory: scores are scored per chunk (scorers.py); the attention is one fused SDPA call over (b, h, T) chunks of M
-queries against top_k*S + M keys each, O(L (k S + M)) work rather than O(L^2).
+queries against top_k*S + M keys each, O(L (k S + M)) work rather than O(L^2). On CPU (_AttendSelected) the
+attention is instead two flash calls per group of chunks merged through their logsumexps: the own chunk is a
+causal call on strided views of q/k/v (no mask; the kernel skips the upper triangle, half the work of the own
+chunk) and the retrieved blocks a call against their gathered keys; its backward calls the flash backward op
+with the merged output and logsumexp (each part's exact share of the gradients). This replaces the copies of the
+concatenated [retrieved ; chunk] keys with a bias channel (fwd+bwd, selection included: 1.2x at 4K, 1.4x at 16K,
+1.6x at 64K).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hybridlm.kernels.se_attention.scorers import SCORERS, n_chunks
+from hybridlm.kernels.window_attention import torch_ref as _win
 
 
 def check_args(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, block_size: int, top_k: int, scorer: str) -> None:
@@ -91,6 +98,12 @@ def attend_selected(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *, chunk
                          f"got {tuple(selection.shape)}")
     sc = scale if scale is not None else 1.0 / math.sqrt(d)
     dt = torch.promote_types(q.dtype, torch.float32)
+    if q.device.type == "cpu":
+        # computed in dt, or in the autocast dtype under CPU autocast (as the SDPA call below would be)
+        direct = _win.direct_inputs(q.to(dt), k.to(dt), v.to(dt))
+        if direct is not None:
+            with torch.autocast("cpu", enabled=False):
+                return _AttendSelected.apply(*direct, selection, m, s, sc).to(q.dtype)
     pad = t * m - length  # the ragged last chunk is padded; padded keys come after every real query (causal)
     qc = F.pad(q.to(dt), (0, 0, 0, pad)).view(b, hkv, g, t, m, d)
     kf, vf = k.to(dt), v.to(dt)
@@ -126,6 +139,108 @@ def attend_selected(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *, chunk
                                          attn_mask=mask, scale=sc)[..., :d]  # (b*hkv*g, t, m, d)
     return out.reshape(b, h, t * m, d)[:, :, :length].to(q.dtype)
 
+
+
+def _chunk_groups(q: Tensor, k: Tensor, selection: Tensor, m: int, s: int, *per_query: Tensor):
+    """The flash calls of attend_selected, in groups of chunks: (q view (n, b*h, R, d) of n chunks of R rows,
+    own-chunk keys view of k (n, b*hkv, R, d) (first chunk c0), row index of each retrieved block into k viewed as
+    (b*hkv*L/S, S*d) (or, when S does not divide L, of each retrieved key into k viewed as (b*hkv*L, d)), mask
+    (n, b*h, 1, top_k*S) (0, or -inf on empty slots), rows with any retrieved key (n, b*h, 1), per-query views).
+    A group's gathered keys and values stay within ~_GROUP_ELEMS elements; the ragged last chunk is its own."""
+    b, h, length, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    top_k = selection.shape[-1]
+    full = length // m
+    step = max(1, _win._GROUP_ELEMS // max(1, b * h * top_k * s * d))
+    ranges = [(c, min(full, c + step), m) for c in range(0, full, step)]
+    if length % m:
+        ranges.append((full, full + 1, length % m))
+    per_block = length % s == 0
+    kv_row = (torch.arange(b, device=q.device)[:, None] * hkv + torch.arange(h, device=q.device) // g).view(1, b * h, 1)
+    base = kv_row * (length // s if per_block else length)
+    sel_all = selection.expand(b, h, -1, top_k)
+    for c0, c1, R in ranges:
+        qg = _win._rows(q, c0 * m, c1 - c0, R, m)
+        kc = _win._rows(k, c0 * m, c1 - c0, R, m)
+        if top_k == 0:
+            yield qg, kc, None, None, None, [_win._rows(x, c0 * m, c1 - c0, R, m) for x in per_query]
+            continue
+        sg = sel_all[:, :, c0:c1].permute(2, 0, 1, 3).reshape(c1 - c0, b * h, top_k)
+        valid = sg >= 0
+        if per_block:
+            tok = sg.clamp(min=0) + base  # (n, b*h, top_k)
+        else:  # an empty slot reads block 0, clamped into the sequence when L < S (masked)
+            tok = ((sg.clamp(min=0) * s)[..., None] + torch.arange(s, device=q.device)).clamp(max=length - 1)
+            tok = tok + base[..., None]  # (n, b*h, top_k, S)
+        mask = torch.zeros(valid.shape + (s,), dtype=q.dtype, device=q.device)
+        mask.masked_fill_(~valid[..., None], float("-inf"))
+        yield (qg, kc, tok.reshape(-1), mask.view(c1 - c0, b * h, 1, top_k * s), valid.any(-1)[..., None],
+               [_win._rows(x, c0 * m, c1 - c0, R, m) for x in per_query])
+
+
+class _AttendSelected(torch.autograd.Function):
+    """attend_selected on CPU through the flash kernel's forward and backward ops: per group of chunks, the own
+    chunk is one causal call on strided views of q/k/v (no mask, the kernel skips the upper triangle) and the
+    retrieved blocks one call against their gathered keys; the two are merged through their logsumexps. Given
+    the merged output and logsumexp, the backward op gives each part's exact share of the gradients."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, selection: Tensor, m: int, s: int, scale: float) -> Tensor:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        d = q.shape[3]
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:3], dtype=_win.lse_dtype(q.dtype))
+        e = d * s if k.shape[2] % s == 0 else d
+        kf, vf = k.view(-1, e), v.view(-1, e)
+        for qg, kc, tok, mask, any_, (og, lg) in _chunk_groups(q, k, selection, m, s, out, lse):
+            o_c, l_c = _win._FLASH(qg, kc, _rows_like(v, kc, k), is_causal=True, scale=scale)
+            if tok is None:
+                og.copy_(o_c)
+                lg.copy_(l_c)
+                continue
+            n = qg.shape[0]
+            kb = kf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            vb = vf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            o_r, l_r = _win._FLASH(qg, kb, vb, attn_mask=mask, scale=scale)
+            merged = torch.where(any_, torch.logaddexp(l_c, l_r), l_c)
+            w_r = torch.where(any_, torch.exp(l_r - merged), 0.0)[..., None]
+            og.copy_(o_c.to(lse.dtype) * torch.exp(l_c - merged)[..., None] + o_r.to(lse.dtype) * w_r)
+            lg.copy_(merged)
+        ctx.save_for_backward(q, k, v, selection, out, lse)
+        ctx.geometry = m, s, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, gout: Tensor):
+        q, k, v, selection, out, lse = ctx.saved_tensors
+        m, s, scale = ctx.geometry
+        gout = gout.contiguous()
+        d = q.shape[3]
+        acc = lse.dtype  # bf16/fp16 gradients are summed in float32, as they come from several calls
+        dq, dk, dv = (torch.empty_like(q, dtype=acc), torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc))
+        e = d * s if k.shape[2] % s == 0 else d
+        kf, vf, dkf, dvf = k.view(-1, e), v.view(-1, e), dk.view(-1, e), dv.view(-1, e)
+        for qg, kc, tok, mask, _, (og, lg, gg, dqg) in _chunk_groups(q, k, selection, m, s, out, lse, gout, dq):
+            gq, gk, gv = _win._FLASH_BWD(gg, qg, kc, _rows_like(v, kc, k), og, lg, 0.0, True, scale=scale)
+            dqg.copy_(gq)
+            _rows_like(dk, kc, k).add_(gk)
+            _rows_like(dv, kc, k).add_(gv)
+            if tok is None:
+                continue
+            n = qg.shape[0]
+            kb = kf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            vb = vf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            gq, gk, gv = _win._FLASH_BWD(gg, qg, kb, vb, og, lg, 0.0, False, attn_mask=mask, scale=scale)
+            dqg.add_(gq)
+            dkf.index_add_(0, tok, gk.reshape(-1, e).to(acc))  # empty slots read real keys, get exactly zero
+            dvf.index_add_(0, tok, gv.reshape(-1, e).to(acc))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def _rows_like(x: Tensor, view: Tensor, of: Tensor) -> Tensor:
+    """The view of x (same layout as `of`, contiguous) that `view` is of `of`."""
+    return x.as_strided(view.shape, view.stride(), x.storage_offset() + view.storage_offset() - of.storage_offset())
 
 def se_attention_torch(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, block_size: int, top_k: int,
                        scorer: str = "paper", shared: bool = False, scale: float | None = None,

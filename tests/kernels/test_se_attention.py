@@ -67,6 +67,29 @@ def test_output_and_gradients_match_dense_mask(b, h, hkv, L, d, M, S, top_k, sha
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+
+@pytest.mark.parametrize("b,h,hkv,L,d,M,S,top_k", [
+    (2, 4, 2, 100, 8, 16, 4, 3),  # GQA; S divides L (blocks gathered whole); ragged last chunk
+    (1, 2, 1, 61, 6, 8, 5, 4),  # S does not divide L (keys gathered one by one)
+])
+def test_groups_of_one_chunk_match_dense_mask(monkeypatch, b, h, hkv, L, d, M, S, top_k):
+    """The CPU path's flash calls one chunk at a time (causal own chunk and retrieved blocks merged through their
+    logsumexps), with empty slots, against the dense mask."""
+    import hybridlm.kernels.window_attention.torch_ref as win
+    monkeypatch.setattr(win, "_GROUP_ELEMS", 1)
+    q, k, v = qkv(b, h, hkv, L, d, seed=L, requires_grad=True)
+    sel = select_blocks(q, k, v, chunk_size=M, block_size=S, top_k=top_k)
+    sel = sel.masked_fill(torch.rand(sel.shape, generator=torch.Generator().manual_seed(0)) < 0.3, -1)
+    assert (sel >= 0).any() and (sel < 0).any()
+    out = attend_selected(q, k, v, sel, chunk_size=M, block_size=S, scale=0.4)
+    ref = dense_reference(q, k, v, sel, M, S, scale=0.4)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((ref * go).sum(), (q, k, v))
+    for name, a, r in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scorer", sorted(SCORERS))
 def test_matches_naive_loops(scorer, shared):

@@ -242,7 +242,8 @@ class _SpanAttention(torch.autograd.Function):
             vb = vf.index_select(0, tok).view(n, bkv, -1, d)
             gq, gk, gv = _FLASH_BWD(gg, qg, kb, vb, og, lg, 0.0, False, attn_mask=mask, scale=scale)
             dqg.add_(gq)
-            dkf.index_add_(0, tok, gk.reshape(-1, e).to(acc))  # empty slots read real keys but get exactly zero gradient
+            # empty slots read real keys but get exactly zero gradient
+            dkf.index_add_(0, tok, gk.reshape(-1, e).to(acc))
             dvf.index_add_(0, tok, gv.reshape(-1, e).to(acc))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 

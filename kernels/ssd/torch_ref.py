@@ -72,6 +72,15 @@ def _exp(t: Tensor) -> Tensor:
     return torch.exp(t.clamp(-80.0, 80.0))
 
 
+
+def _into(out: Tensor, fn, *args: Tensor) -> None:
+    """fn(*args, out=out): written in place, no temporary. torch.compile refuses a non-contiguous out= (a graph
+    break), so there it is a copy."""
+    if torch.compiler.is_compiling():
+        out.copy_(fn(*args))
+    else:
+        fn(*args, out=out)
+
 def _decay_full(acum: Tensor) -> Tensor:
     """(..., q) -> (..., q, q): exp(acum_l - acum_s) for s <= l, exactly 1 above the diagonal (the argument is
     clamped to [-80, 0]; there it is >= 0). The caller applies the causal mask (on C.B, shared by the heads)."""
@@ -86,7 +95,7 @@ def _pass_states(carry: Tensor, S: Tensor, decay: Tensor, out: Tensor) -> None:
     on transposed operands and concatenated copies, several times slower than these adds)."""
     out[:, 0] = carry
     for k in range(S.shape[1]):
-        torch.addcmul(S[:, k], decay[:, k, :, None, None], out[:, k], out=out[:, k + 1])
+        _into(out[:, k + 1], torch.addcmul, S[:, k], decay[:, k, :, None, None], out[:, k])
 
 
 def _unpass_states(d_states: Tensor, d_carry: Tensor, decay: Tensor) -> tuple[Tensor, Tensor]:
@@ -97,7 +106,7 @@ def _unpass_states(d_states: Tensor, d_carry: Tensor, decay: Tensor) -> tuple[Te
     d_s = torch.empty_like(d_states)
     d_s[:, G - 1] = d_carry
     for k in range(G - 1, 0, -1):
-        torch.addcmul(d_states[:, k], decay[:, k, :, None, None], d_s[:, k], out=d_s[:, k - 1])
+        _into(d_s[:, k - 1], torch.addcmul, d_states[:, k], decay[:, k, :, None, None], d_s[:, k])
     return d_s, torch.addcmul(d_states[:, 0], decay[:, 0, :, None, None], d_s[:, 0])
 
 
@@ -120,7 +129,9 @@ class _Group:
         self.Bc = Bc[:, s:e].to(f).transpose(2, 3).contiguous()  # (b, G, g, q, n)
         self.Cc = Cc[:, s:e].to(f).transpose(2, 3).contiguous()
         hi, lo = self.acum.amax(2, keepdim=True), self.acum.amin(2, keepdim=True)
-        self.factored = bool((hi - lo).max() <= _FACTOR_RANGE)
+        # Under torch.compile this data-dependent choice would break the graph: the per-head path, right for any
+        # range, is traced instead (inductor fuses its elementwise passes anyway).
+        self.factored = not torch.compiler.is_compiling() and bool((hi - lo).max() <= _FACTOR_RANGE)
         if self.factored:
             # L[l, s] = E_l Einv_s with E = exp(Acum - ref), ref the middle of the chunk's range: every factor is
             # within exp(+-40) and every product for s <= l at least exp(-80), a normal number
@@ -131,7 +142,7 @@ class _Group:
             acum_h = self.acum.transpose(2, 3).contiguous()  # (b, G, h, q)
             # X = dt x, what the state accumulates, head-major and contiguous for the (Q x Q) products
             self.xdt = torch.empty(b, self.G, h, q, p, dtype=f, device=xc.device)
-            torch.mul(self.x.transpose(2, 3), self.dts.transpose(2, 3)[..., None], out=self.xdt)
+            _into(self.xdt, torch.mul, self.x.transpose(2, 3), self.dts.transpose(2, 3)[..., None])
             self.Lf = _decay_full(acum_h)  # (b, G, h, q, q), unmasked
         self.chunk_decay = _exp(self.acum[:, :, -1])  # (b, G, h)
         # C_l . B_s for s <= l, shared by the group's heads: the causal mask is applied here, once per B/C group
@@ -211,7 +222,7 @@ def _forward(x, dt, A, B, C, D, initial_state, chunk_size):
         # 4. incoming state -> outputs, written straight into y (token-major)
         ch = P.ungrouped(P.Cc @ P.group_states(st).transpose(-1, -2))  # (b, G, q, g, r, p)
         ea = _exp(P.acum)  # (b, G, q, h)
-        torch.addcmul(yg, P.six(ea[..., None]), ch, out=P.six(y[:, s: s + P.G]))
+        _into(P.six(y[:, s: s + P.G]), torch.addcmul, yg, P.six(ea[..., None]), ch)
     carry = carry.clone()  # states[:, c], a view: the caller may write into the returned final state
     y = y.view(b, c * q, h, p)[:, :l]
     if D is not None:
@@ -277,7 +288,7 @@ def _backward(ctx, dy, dfinal):
         dC[:, s: s + Gs] = (pl @ P.Bc).add_(P.grouped(dye) @ states_g).transpose(2, 3)  # (b, G, g, q, n)
         dB[:, s: s + Gs] = (pl.transpose(-1, -2) @ P.Cc).add_(P.grouped(xe) @ d_chunk_g).transpose(2, 3)
 
-        torch.mul(d_big_x, P.dts[..., None], out=dx[:, s: s + Gs])
+        _into(dx[:, s: s + Gs], torch.mul, d_big_x, P.dts[..., None])
         ddt_g = (P.x * d_big_x).sum(-1)  # (b, G, q, h), the direct part
 
         # gradient w.r.t. Acum_l: through L (+ at l, - at s), exp(Acum_l) on the incoming state, e_s, chunk decay.
@@ -291,7 +302,7 @@ def _backward(ctx, dy, dfinal):
         d_acum.sub_(ddt_g * P.dts)
         d_acum[:, :, -1] += (d_chunk * states[:, s + 1: s + Gs + 1]).sum((-1, -2))
         da = d_acum.flip(2).cumsum(2).flip(2)  # Acum -> a: reverse cumsum within the chunk
-        torch.add(ddt_g, da * Af, out=ddt[:, s: s + Gs])
+        _into(ddt[:, s: s + Gs], torch.add, ddt_g, da * Af)
         dA += (da * P.dts).sum((0, 1, 2))
 
     unchunk = lambda t: t.view(b, c * q, *t.shape[3:])[:, :l]  # noqa: E731  (b, c, q, ...) -> (b, l, ...)

@@ -9,13 +9,14 @@ Paths, all on torch's fused CPU flash kernel:
     aligned widths) its queries can see, through one (bq, T) band mask; the tiles are strided views of k/v and
     the blocks go, ~2M tile elements at a time, into the flash forward op as batch entries: T / W times the
     useful FLOPs (1.25 at W = 256; bq = 64 beat 96 and 128 at head dims 32-128 in interleaved A/B runs, though
-    the old SDPA path's 128 was best there), linear in length. The queries with fewer than W - 1 earlier keys (head) and the last < 2 bq queries
-    (tail) are small masked calls of their own. A custom autograd.Function calls the flash forward and backward
-    ops (aten::_scaled_dot_product_flash_attention_for_cpu[_backward]) itself and writes the output and the
-    gradients into one buffer each: the earlier SDPA-autograd version padded q/k/v, concatenated the head, and
-    its backward zero-filled and summed gradients of the duplicated key tiles, of the slices and of the pads
-    (fill_/copy_/add_/cat were ~25% of its forward + backward). banded_forward/banded_backward also serve
-    span_attention, whose window part this is. bf16/fp16 key gradients are summed in float32.
+    the old SDPA path's 128 was best there), linear in length. The queries with fewer than W - 1 earlier keys
+    (head) and the last < 2 bq queries (tail) are small masked calls of their own. A custom autograd.Function
+    calls the flash forward and backward ops (aten::_scaled_dot_product_flash_attention_for_cpu[_backward])
+    itself and writes the output and the gradients into one buffer each: the earlier SDPA-autograd version
+    padded q/k/v, concatenated the head, and its backward zero-filled and summed gradients of the duplicated key
+    tiles, of the slices and of the pads (fill_/copy_/add_/cat were ~25% of its forward + backward).
+    banded_forward/banded_backward also serve span_attention, whose window part this is. bf16/fp16 key
+    gradients are summed in float32.
   * banded, through SDPA autograd (other devices, head dims that differ): the same tiling.
   * full (no window, or a window covering every key): SDPA's causal kernel, or query blocks against the key
     prefix when the scores of one call would be too many.

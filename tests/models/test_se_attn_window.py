@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 import hybridlm.kernels.span_attention.torch_ref as span_ops
+import hybridlm.kernels.window_attention.torch_ref as win_ops
 from hybridlm.kernels.span_attention.selection import block_summaries, select_blocks
 from hybridlm.kernels.span_attention.torch_ref import span_attention_torch
 from hybridlm.kernels.window_attention.torch_ref import window_attention_torch
@@ -106,8 +107,10 @@ OP_CASES = [(23, 23, 4, 3, 4, 2), (9, 26, 3, 2, 5, 3), (16, 16, 1, 4, 2, 1), (30
 
 @pytest.mark.parametrize("lq,lk,W,M,C,top_k", OP_CASES)
 def test_op_in_groups_of_one_chunk_matches_dense_mask(monkeypatch, lq, lk, W, M, C, top_k):
-    """Past _MAX_SCORES logits the op gathers keys one group of chunks at a time and recomputes each group in
-    backward (bounded memory at long lengths): the same outputs and gradients, with and without grad."""
+    """The general path (devices other than CPU, row-masked selections; forced here on CPU): past _MAX_SCORES
+    logits it gathers keys one group of chunks at a time and recomputes each group in backward (bounded memory at
+    long lengths): the same outputs and gradients, with and without grad."""
+    monkeypatch.setattr(win_ops, "direct_inputs", lambda q, k, v: None)
     monkeypatch.setattr(span_ops, "_MAX_SCORES", 1)  # one chunk per group
     calls = []
     checkpoint = torch.utils.checkpoint.checkpoint
@@ -120,6 +123,13 @@ def test_op_in_groups_of_one_chunk_matches_dense_mask(monkeypatch, lq, lk, W, M,
         torch.testing.assert_close(span_attention_torch(q, k, v, selected, W, M, C),
                                    dense_reference(q, k, v, selected, W, M, C))
     assert len(calls) == -(-lq // C)  # nothing to recompute without gradients
+
+
+@pytest.mark.parametrize("lq,lk,W,M,C,top_k", OP_CASES)
+def test_direct_path_in_calls_of_one_block_matches_dense_mask(monkeypatch, lq, lk, W, M, C, top_k):
+    """The CPU path (flash calls merged by logsumexp) with one key tile / retrieved block per call."""
+    monkeypatch.setattr(win_ops, "_GROUP_ELEMS", 1)
+    test_op_matches_dense_mask_with_gradients(lq, lk, W, M, C, top_k)
 
 
 @pytest.mark.parametrize("lq,lk,W,M,C,top_k", OP_CASES)

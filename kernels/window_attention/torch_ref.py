@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 # Above this many query x key scores in one block, split queries into blocks so memory stays bounded (full path).
 _MAX_SCORES = 1 << 22
@@ -129,8 +130,11 @@ def _banded_sdpa(q: Tensor, k: Tensor, v: Tensor, window: int, scale: Optional[f
     return o if o_head is None else torch.cat([o_head, o], dim=2)
 
 
-_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The direct path calls the CPU flash ops with masks and grouped kv heads, as torch >= 2.5 has them (written
+# against 2.13); with an older torch every caller keeps the SDPA-autograd path.
+_DIRECT = TorchVersion(torch.__version__) >= (2, 5, 0)
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu if _DIRECT else None
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward if _DIRECT else None
 # Queries per block of the direct banded path (measured at W = 256, head dims 32-128; see the module docstring).
 _BQ = 64
 _ALIGN = 16
@@ -276,8 +280,8 @@ class _BandedAttention(torch.autograd.Function):
 
 def direct_inputs(q: Tensor, k: Tensor, v: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """q, k, v as the direct flash path takes them (cast to the autocast dtype under CPU autocast, as SDPA would
-    be), or None where it cannot (not CPU, head dims differ, dtypes differ or are not floating)."""
-    if q.device.type != "cpu" or v.shape[3] != q.shape[3]:
+    be), or None where it cannot (torch < 2.5, not CPU, head dims differ, dtypes differ or are not floating)."""
+    if not _DIRECT or q.device.type != "cpu" or v.shape[3] != q.shape[3]:
         return None
     if torch.is_autocast_enabled("cpu"):
         dt = torch.get_autocast_dtype("cpu")

@@ -50,9 +50,12 @@ CASES = [  # b, h, hkv, L, d, M, S, top_k
 ]
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["flash-ops", "sdpa"])  # sdpa: older torch, other devices
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("b,h,hkv,L,d,M,S,top_k", CASES)
-def test_output_and_gradients_match_dense_mask(b, h, hkv, L, d, M, S, top_k, shared):
+def test_output_and_gradients_match_dense_mask(monkeypatch, b, h, hkv, L, d, M, S, top_k, shared, direct):
+    import hybridlm.kernels.window_attention.torch_ref as win
+    monkeypatch.setattr(win, "_DIRECT", direct)
     q, k, v = qkv(b, h, hkv, L, d, seed=L * 31 + M, requires_grad=True)
     out, sel = se_attention_torch(q, k, v, chunk_size=M, block_size=S, top_k=top_k, shared=shared,
                                   return_selection=True)
@@ -65,7 +68,6 @@ def test_output_and_gradients_match_dense_mask(b, h, hkv, L, d, M, S, top_k, sha
     grads_ref = torch.autograd.grad((ref * go).sum(), (q, k, v))  # the selection is a constant here
     for name, a, r in zip("qkv", grads, grads_ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
-
 
 
 @pytest.mark.parametrize("b,h,hkv,L,d,M,S,top_k", [
@@ -89,6 +91,7 @@ def test_groups_of_one_chunk_match_dense_mask(monkeypatch, b, h, hkv, L, d, M, S
     grads_ref = torch.autograd.grad((ref * go).sum(), (q, k, v))
     for name, a, r in zip("qkv", grads, grads_ref):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("scorer", sorted(SCORERS))

@@ -1,11 +1,13 @@
 """The torch ops' fast paths against the naive references they replace loops of: sliding-window attention in
-banded blocks (window_attention/torch_ref.py), its overlapping key tiles, and the SSD scan in groups of chunks
-with the states passed by a decay-matrix product (ssd/torch_ref.py). Lengths cross block and group boundaries;
-float64, so any disagreement beyond rounding is a bug."""
+banded blocks (window_attention/torch_ref.py; its direct flash-op path and the SDPA path other devices take),
+its overlapping key tiles, and the SSD scan in groups of chunks with the states carried across chunks
+(ssd/torch_ref.py). Lengths cross block and group boundaries; float64, so any disagreement beyond rounding is a
+bug."""
 import pytest
 import torch
 
 import hybridlm.kernels.ssd.torch_ref as ssd_ref
+import hybridlm.kernels.window_attention.torch_ref as win_ref
 from hybridlm.kernels.ssd.naive import ssd_scan_naive
 from hybridlm.kernels.window_attention.naive import window_mask
 from hybridlm.kernels.window_attention.torch_ref import KeyTiles, window_attention_torch
@@ -29,7 +31,9 @@ def naive_attention(q, k, v, window, scale=None):
     (1, 3, 3, 70, 70, 4, 1),  # each query sees only itself
     (1, 2, 2, 5, 700, 8, 300),  # a few queries at the end of a long cache
 ])
-def test_banded_window_attention_matches_masked_softmax(b, h, hkv, lq, lk, d, window):
+@pytest.mark.parametrize("direct", [True, False], ids=["flash-ops", "sdpa"])  # sdpa: older torch, other devices
+def test_banded_window_attention_matches_masked_softmax(monkeypatch, direct, b, h, hkv, lq, lk, d, window):
+    monkeypatch.setattr(win_ref, "_DIRECT", direct)
     torch.manual_seed(lq + window)
     q = torch.randn(b, h, lq, d, dtype=torch.float64, requires_grad=True)
     k = torch.randn(b, hkv, lk, d, dtype=torch.float64, requires_grad=True)
@@ -62,7 +66,7 @@ def test_key_tiles_are_the_overlapping_windows_with_their_gradient():
 @pytest.mark.parametrize("group_elems", [1, 3 * 16 * 16 * 4 * 2])  # one chunk per group; 3 chunks per group
 @pytest.mark.parametrize("l,chunk,g", [(100, 16, 1), (161, 16, 2), (48, 16, 2)])
 def test_ssd_scan_in_groups_of_chunks_matches_the_recurrence(monkeypatch, group_elems, l, chunk, g):
-    """Groups of chunks carry the state from group to group; inside one, the states come from a decay matrix."""
+    """Groups of chunks carry the state from group to group; inside one, from chunk to chunk."""
     monkeypatch.setattr(ssd_ref, "_GROUP_ELEMS", group_elems)
     b, h, p, n = 2, 4, 3, 5
     assert ssd_ref._group_size(b, h, chunk, -(-l // chunk)) == (1 if group_elems == 1 else 3)

@@ -173,6 +173,41 @@ def failure_report(report: Path, step: int, tokens: int, params: int, ratio: flo
     (report / "state_norms.json").write_text(json.dumps({"scalars": {"final_over_at_T": norm_ratio}}))
 
 
+def failure_run(run: Path, seed: int, d_state: int, ratios: list[float]) -> None:
+    """A failure-map run folder: its config (fresh-key recall at T = 32) and one report per ratio."""
+    (run / ".hydra").mkdir(parents=True)
+    cfg = {"seed": seed, "data": {"seq_len": 32, "source": "synthetic", "synthetic": {"task": "recall_stream"}},
+           "model": {"d_model": 32, "ssm": {"d_state": d_state, "expand": 2, "d_inner": None, "dt_max": 0.1}}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"experiment/lengthgen/task": "recall_fresh"}}}}))
+    for i, r in enumerate(ratios):
+        failure_report(run / "length_eval" / f"step{500 * (i + 1):07d}", 500 * (i + 1), 1000 * (i + 1), 100, r, 1.5)
+
+
+def test_failure_map_combines_sources_and_summarises_seeds(tmp_path):
+    """An earlier results.json (seed 0) plus a sweep folder of two more seeds: one map, and for the setting with
+    three seeds a row over them (population std; a run fails at the end with ratio >= 1.3)."""
+    failure_run(tmp_path / "first" / "a", 0, 16, [1.1, 2.0])
+    failure_run(tmp_path / "first" / "b", 0, 64, [0.9, 0.8])
+    assert main(["failure_map", str(tmp_path / "first"), "--out", str(tmp_path / "out0")]) == 0
+    failure_run(tmp_path / "more" / "s1", 1, 16, [1.4, 1.0])
+    failure_run(tmp_path / "more" / "s2", 2, 16, [1.2, 1.5])
+    out = tmp_path / "out"
+    assert main(["failure_map", str(tmp_path / "out0" / "results.json"), str(tmp_path / "more"), "--out", str(out),
+                 "--command", "cmd"]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["seed"], r["d_state"]) for r in runs] == [(0, 16), (0, 64), (1, 16), (2, 16)]
+    table = (out / "table.md").read_text().splitlines()
+    def mean_std(xs):
+        m = sum(xs) / len(xs)
+        return f"{m:.2f} ± {(sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5:.2f}"
+    # last ratio of seeds 0, 1, 2: 2.0, 1.0, 1.5; largest: 2.0, 1.4, 1.5
+    assert (f"| recall_fresh T=32 d_state=16 dt_max=0.1 | 0, 1, 2 | 20 | {mean_std([2.0, 1.0, 1.5])} (1.00-2.00) | "
+            f"{mean_std([2.0, 1.4, 1.5])} (1.40-2.00) | 20, 10, 20 | 2/3 |") in table
+    assert not any(line.startswith("| recall_fresh T=32 d_state=64 dt_max=0.1 |") for line in table)  # one seed
+
+
 def test_failure_map_from_runs_still_going(tmp_path):
     """Runs need only their config and reports (no result.json: a sweep still running or stopped); each report is
     one point at its tokens per parameter; a run fails from its first report with ratio >= 1.3."""
@@ -193,8 +228,11 @@ def test_failure_map_from_runs_still_going(tmp_path):
     table = (out / "table.md").read_text().splitlines()
     assert table[0] == "Command: `make failure-map`"
     # state/T = d_inner (2 x 32) x d_state / T; tokens per parameter = tokens / 100
-    assert "| recall_fresh T=32 d_state=16 dt_max=0.1 | 100 | 32 | 3 | 0.0M | 30 | 2.00 | 2.00 (30) | 20 |" in table
-    assert "| recall_fresh T=32 d_state=64 dt_max=0.1 | 100 | 128 | 3 | 0.0M | 30 | 0.80 | 1.20 (10) | never |" in table
+    assert ("| recall_fresh T=32 d_state=16 dt_max=0.1 seed=0 | 100 | 32 | 3 | 0.0M | 30 | 2.00 | 2.00 (30) | 20 |"
+            in table)
+    assert ("| recall_fresh T=32 d_state=64 dt_max=0.1 seed=0 | 100 | 128 | 3 | 0.0M | 30 | 0.80 | 1.20 (10) | never |"
+            in table)
+    assert not any(line.startswith("Over seeds") for line in table)  # one seed per setting
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [p["tokens_per_parameter"] for p in runs[1]["points"]] == [10, 20, 30]
     assert runs[1]["points"][0]["state_norm_final_over_at_T"] == 1.5 and runs[1]["points"][0]["on"] == "recall answers"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -125,3 +126,21 @@ def fmt(x: Any, digits: int = 3) -> str:
     """A table cell: the number with `digits` decimals, "n/a" when it is missing or NaN."""
     x = finite(x)
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def spread(values: list[Optional[float]]) -> Optional[dict]:
+    """Mean, population std, min, max over the seeds that have the value."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None
+    return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "min": min(vals), "max": max(vals),
+            "n": len(vals)}
+
+
+def fmt_spread(s: Optional[dict], digits: int = 2) -> str:
+    if s is None:
+        return "n/a"
+    if s["n"] == 1:
+        return fmt(s["mean"], digits)
+    return (f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} "
+            f"({s['min']:.{digits}f}-{s['max']:.{digits}f})")

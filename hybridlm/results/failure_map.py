@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from hybridlm.results import _natural, fmt
+from hybridlm.results import _natural, fmt, fmt_spread, spread
 
 FAILS_AT = 1.3  # issue 13: a baseline "fails" with ratio >= 1.3 at 8T-16T
 
@@ -63,8 +63,41 @@ def read_run(run: Path) -> dict:
     return row
 
 
-def label(r: dict) -> str:
+def setting(r: dict) -> str:
     return f"{r['task']} T={r['T']} d_state={r['d_state']} dt_max={r['dt_max']:g}"
+
+
+def label(r: dict) -> str:
+    return setting(r) + (f" seed={r['seed']}" if r.get("seed") is not None else "")
+
+
+def by_setting(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The settings with reports from 2 or more seeds, each with its runs, in the order first seen."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["points"]:
+            groups.setdefault(setting(r), []).append(r)
+    return [(k, v) for k, v in groups.items() if len({r.get("seed") for r in v}) > 1]
+
+
+def seed_lines(rows: list[dict]) -> list[str]:
+    """The over-seeds table: ratio at the end, max ratio, first crossing of FAILS_AT, runs failing at the end."""
+    groups = by_setting(rows)
+    if not groups:
+        return []
+    lines = ["Over seeds (mean ± population std (min-max)):", "",
+             "| setting | seeds | tokens/param reached | ratio at the end | max ratio | first tokens/param with "
+             f"ratio >= {FAILS_AT}, per seed | failing at the end |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in groups:
+        ends = [r["points"][-1]["ratio"] for r in runs]
+        firsts = [next((f"{p['tokens_per_parameter']:.0f}" for p in r["points"] if p["ratio"] >= FAILS_AT), "never")
+                  for r in runs]
+        lines.append(f"| {name} | {', '.join(str(r.get('seed')) for r in runs)} | "
+                     f"{min(r['points'][-1]['tokens_per_parameter'] for r in runs):.0f} | {fmt_spread(spread(ends))} | "
+                     f"{fmt_spread(spread([max(p['ratio'] for p in r['points']) for r in runs]))} | "
+                     f"{', '.join(firsts)} | {sum(e >= FAILS_AT for e in ends)}/{len(runs)} |")
+    return lines + [""]
 
 
 def write_table(rows: list[dict], path: Path, command: str) -> None:
@@ -87,7 +120,8 @@ def write_table(rows: list[dict], path: Path, command: str) -> None:
                      f"{pts[-1]['train_tokens'] / 1e6:.1f}M | {pts[-1]['tokens_per_parameter']:.0f} | "
                      f"{fmt(pts[-1]['ratio'], 2)} | {fmt(worst['ratio'], 2)} ({worst['tokens_per_parameter']:.0f}) | "
                      f"{first_at} |")
-    lines += ["", "Every report (ratio / loss within T / loss beyond T / final state norm over the norm at T):", ""]
+    lines += [""] + seed_lines(rows)
+    lines += ["Every report (ratio / loss within T / loss beyond T / final state norm over the norm at T):", ""]
     for r in rows:
         lines += [f"**{label(r)}** (`{r['dir']}`)", "",
                   "| tokens | tokens/param | ratio | loss within T | loss beyond T | state norm 16T/T | EffRem(T/2) |",
@@ -116,7 +150,8 @@ def write_figure(rows: list[dict], path: Path) -> None:
             shade = cmap(ratios.index(r["state_per_T"]) / max(1, len(ratios) - 1))
             ax.plot([p["tokens_per_parameter"] for p in r["points"]], [p["ratio"] for p in r["points"]],
                     "o-" if r["dt_max"] >= 0.1 else "s--", color=shade, markersize=3,
-                    label=f"state/T {r['state_per_T']:.0f} (T={r['T']}, N={r['d_state']}, dt_max={r['dt_max']:g})")
+                    label=f"state/T {r['state_per_T']:.0f} (T={r['T']}, N={r['d_state']}, dt_max={r['dt_max']:g}"
+                    + (f", seed {r['seed']})" if r.get("seed") is not None else ")"))
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.axhline(FAILS_AT, color="red", linestyle=":", linewidth=1, label=f"fails ({FAILS_AT})")
         ax.set_xscale("log")
@@ -128,12 +163,20 @@ def write_figure(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def write(runs: Path, out: Path, command: str) -> bool:
-    """Read the sweep in `runs`, write the outputs to `out`; False when a run has no report yet."""
-    dirs = job_dirs(runs)
+def read_source(source: Path) -> list[dict]:
+    """The runs of a sweep folder, or those recorded in a results.json this module wrote."""
+    if source.is_file():
+        return json.loads(source.read_text())["runs"]
+    dirs = job_dirs(source)
     if not dirs:
-        raise FileNotFoundError(f"no run (.hydra/config.yaml) under {runs}")
-    rows = [read_run(d) for d in dirs]
+        raise FileNotFoundError(f"no run (.hydra/config.yaml) under {source}")
+    return [read_run(d) for d in dirs]
+
+
+def write(sources: list[Path] | Path, out: Path, command: str) -> bool:
+    """Read the runs of every source (sweep folders, earlier results.json files), write the outputs to `out`;
+    False when a run has no report yet."""
+    rows = [r for src in ([sources] if isinstance(sources, Path) else sources) for r in read_source(Path(src))]
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"command": command, "fails_at": FAILS_AT, "runs": rows}, indent=1))
     write_table(rows, out / "table.md", command)

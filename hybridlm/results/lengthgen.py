@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from hybridlm.results import Job, finite, fmt, read_jobs, wall_span_seconds
+from hybridlm.results import Job, finite, fmt, fmt_spread, read_jobs, spread, wall_span_seconds
 
 PRETRAINED = "pretrained"
 # arm -> label, in table order; an intervention not listed here comes after these under its own name
@@ -99,15 +99,6 @@ def collect(job: Job) -> dict:
     return rec
 
 
-def spread(values: list[Optional[float]]) -> Optional[dict]:
-    """Mean, population std, min, max over the seeds that have the value."""
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    return {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "min": min(vals), "max": max(vals),
-            "n": len(vals)}
-
-
 def mean(values: list[Optional[float]]) -> Optional[float]:
     vals = [v for v in values if v is not None]
     return statistics.fmean(vals) if vals else None
@@ -156,15 +147,6 @@ def aggregate(records: list[dict]) -> dict:
             "recall_loss_max": [max(c, default=None) for c in recall],
             "state_norm_by_position": mean_curve(norm_curves),
             "effrem": mean_curve([r["effrem"] for r in ok if r.get("effrem")])}
-
-
-def fmt_spread(s: Optional[dict], digits: int = 2) -> str:
-    if s is None:
-        return "n/a"
-    if s["n"] == 1:
-        return fmt(s["mean"], digits)
-    return (f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} "
-            f"({s['min']:.{digits}f}-{s['max']:.{digits}f})")
 
 
 def steps_line(arms: list[dict]) -> str:

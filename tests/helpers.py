@@ -74,6 +74,16 @@ def randomize_ssm_params_(model: torch.nn.Module, seed: int, others: float | Non
             elif others is not None:
                 p.copy_(others * r)
 
+
+def assert_close_with_grads(out: torch.Tensor, ref: torch.Tensor, inputs, rtol: float, atol: float) -> None:
+    """out == ref, and so are their gradients w.r.t. inputs (named q, k, v in messages) for one random cotangent."""
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad((out * go).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * go).sum(), inputs)
+    for name, a, r in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(a, r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
+
 # ------------------------------------------------------------------------------------- tiny training runs
 
 # The model shrunk to a few thousand parameters per layer (the conf's layer pattern and attention kind stay).

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close_with_grads
 
 from hybridlm.kernels.se_attention import (
     SCORERS,
@@ -62,12 +63,7 @@ def test_output_and_gradients_match_dense_mask(monkeypatch, b, h, hkv, L, d, M, 
     assert sel.shape == (b, 1 if shared else h, -(-L // M), top_k)
     assert not sel.requires_grad
     ref = dense_reference(q, k, v, sel, M, S)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    go = torch.randn_like(out)
-    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
-    grads_ref = torch.autograd.grad((ref * go).sum(), (q, k, v))  # the selection is a constant here
-    for name, a, r in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert_close_with_grads(out, ref, (q, k, v), rtol=1e-10, atol=1e-10)  # the selection is a constant here
 
 
 @pytest.mark.parametrize("b,h,hkv,L,d,M,S,top_k", [
@@ -85,12 +81,7 @@ def test_groups_of_one_chunk_match_dense_mask(monkeypatch, b, h, hkv, L, d, M, S
     assert (sel >= 0).any() and (sel < 0).any()
     out = attend_selected(q, k, v, sel, chunk_size=M, block_size=S, scale=0.4)
     ref = dense_reference(q, k, v, sel, M, S, scale=0.4)
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    go = torch.randn_like(out)
-    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
-    grads_ref = torch.autograd.grad((ref * go).sum(), (q, k, v))
-    for name, a, r in zip("qkv", grads, grads_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert_close_with_grads(out, ref, (q, k, v), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("shared", [False, True])

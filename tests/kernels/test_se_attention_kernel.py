@@ -3,6 +3,7 @@ checks against a dense-mask reference: outputs and gradients of q, k, v, fp32 on
 (see conftest.py)."""
 import pytest
 import torch
+from helpers import assert_close_with_grads
 
 from hybridlm.kernels.se_attention import attend_selected, select_blocks
 from hybridlm.kernels.se_attention.triton_kernel import attend_selected_triton
@@ -11,12 +12,7 @@ from hybridlm.kernels.se_attention.triton_kernel import attend_selected_triton
 def check(q, k, v, sel, M, S, scale=None):
     o = attend_selected_triton(q, k, v, sel, chunk_size=M, block_size=S, scale=scale)
     o_ref = attend_selected(q, k, v, sel, chunk_size=M, block_size=S, scale=scale)
-    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
-    go = torch.randn_like(o)
-    g = torch.autograd.grad((o * go).sum(), (q, k, v))
-    g_ref = torch.autograd.grad((o_ref * go).sum(), (q, k, v))
-    for name, a, r in zip("qkv", g, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert_close_with_grads(o, o_ref, (q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def inputs(b, h, hkv, L, d, seed):

@@ -5,6 +5,7 @@ its overlapping key tiles, and the SSD scan in groups of chunks with the states 
 bug."""
 import pytest
 import torch
+from helpers import assert_close_with_grads
 
 import hybridlm.kernels.ssd.torch_ref as ssd_ref
 import hybridlm.kernels.window_attention.torch_ref as win_ref
@@ -40,12 +41,7 @@ def test_banded_window_attention_matches_masked_softmax(monkeypatch, direct, b, 
     v = torch.randn(b, hkv, lk, d, dtype=torch.float64, requires_grad=True)
     assert window < lk  # the banded path (blocks of _band_block(window, lq) queries)
     o, o_ref = window_attention_torch(q, k, v, window, 0.3), naive_attention(q, k, v, window, 0.3)
-    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
-    go = torch.randn_like(o)
-    g = torch.autograd.grad((o * go).sum(), (q, k, v))
-    g_ref = torch.autograd.grad((o_ref * go).sum(), (q, k, v))
-    for name, a, r in zip("qkv", g, g_ref):
-        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert_close_with_grads(o, o_ref, (q, k, v), rtol=1e-10, atol=1e-10)
 
 
 def test_window_attention_of_transposed_views():

@@ -140,7 +140,6 @@ def attend_selected(q: Tensor, k: Tensor, v: Tensor, selection: Tensor, *, chunk
     return out.reshape(b, h, t * m, d)[:, :, :length].to(q.dtype)
 
 
-
 def _chunk_groups(q: Tensor, k: Tensor, selection: Tensor, m: int, s: int, *per_query: Tensor):
     """The flash calls of attend_selected, in groups of chunks: (q view (n, b*h, R, d) of n chunks of R rows,
     own-chunk keys view of k (n, b*hkv, R, d) (first chunk c0), row index of each retrieved block into k viewed as
@@ -199,14 +198,9 @@ class _AttendSelected(torch.autograd.Function):
                 og.copy_(o_c)
                 lg.copy_(l_c)
                 continue
-            n = qg.shape[0]
-            kb = kf.index_select(0, tok).view(n, qg.shape[1], -1, d)
-            vb = vf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            kb, vb = _win.gather_rows(kf, vf, tok, qg.shape[0], qg.shape[1], d)
             o_r, l_r = _win._FLASH(qg, kb, vb, attn_mask=mask, scale=scale)
-            merged = torch.where(any_, torch.logaddexp(l_c, l_r), l_c)
-            w_r = torch.where(any_, torch.exp(l_r - merged), 0.0)[..., None]
-            og.copy_(o_c.to(lse.dtype) * torch.exp(l_c - merged)[..., None] + o_r.to(lse.dtype) * w_r)
-            lg.copy_(merged)
+            _win.merge_lse(og, lg, o_c, l_c, o_r, l_r, any_)
         ctx.save_for_backward(q, k, v, selection, out, lse)
         ctx.geometry = m, s, scale
         return out
@@ -228,9 +222,7 @@ class _AttendSelected(torch.autograd.Function):
             _rows_like(dv, kc, k).add_(gv)
             if tok is None:
                 continue
-            n = qg.shape[0]
-            kb = kf.index_select(0, tok).view(n, qg.shape[1], -1, d)
-            vb = vf.index_select(0, tok).view(n, qg.shape[1], -1, d)
+            kb, vb = _win.gather_rows(kf, vf, tok, qg.shape[0], qg.shape[1], d)
             gq, gk, gv = _win._FLASH_BWD(gg, qg, kb, vb, og, lg, 0.0, False, attn_mask=mask, scale=scale)
             dqg.add_(gq)
             dkf.index_add_(0, tok, gk.reshape(-1, e).to(acc))  # empty slots read real keys, get exactly zero
@@ -241,6 +233,7 @@ class _AttendSelected(torch.autograd.Function):
 def _rows_like(x: Tensor, view: Tensor, of: Tensor) -> Tensor:
     """The view of x (same layout as `of`, contiguous) that `view` is of `of`."""
     return x.as_strided(view.shape, view.stride(), x.storage_offset() + view.storage_offset() - of.storage_offset())
+
 
 def se_attention_torch(q: Tensor, k: Tensor, v: Tensor, *, chunk_size: int, block_size: int, top_k: int,
                        scorer: str = "paper", shared: bool = False, scale: float | None = None,

@@ -212,15 +212,9 @@ class _SpanAttention(torch.autograd.Function):
         e = d * M if k.shape[2] % M == 0 else d
         kf, vf = k.view(-1, e), v.view(-1, e)
         for qg, tok, mask, any_, (og, lg) in _retrieved_groups(q, k, sel, M, C, out, lse):
-            n, bkv = mask.shape[0], k.shape[0] * k.shape[1]
-            kb = kf.index_select(0, tok).view(n, bkv, -1, d)
-            vb = vf.index_select(0, tok).view(n, bkv, -1, d)
+            kb, vb = _win.gather_rows(kf, vf, tok, mask.shape[0], k.shape[0] * k.shape[1], d)
             o_r, l_r = _FLASH(qg, kb, vb, attn_mask=mask, scale=scale)
-            merged = torch.where(any_, torch.logaddexp(lg, l_r), lg)
-            w_r = torch.where(any_, torch.exp(l_r - merged), 0.0)[..., None]
-            w_w = torch.exp(lg - merged)[..., None]
-            og.copy_(og.to(lse.dtype) * w_w + o_r.to(lse.dtype) * w_r)
-            lg.copy_(merged)
+            _win.merge_lse(og, lg, og, lg, o_r, l_r, any_)
         ctx.save_for_backward(q, k, v, sel, out, lse)
         ctx.geometry = W, M, C, scale, bq
         return out
@@ -237,9 +231,7 @@ class _SpanAttention(torch.autograd.Function):
         e = d * M if k.shape[2] % M == 0 else d
         kf, vf, dkf, dvf = k.view(-1, e), v.view(-1, e), dk.view(-1, e), dv.view(-1, e)
         for qg, tok, mask, _, (og, lg, gg, dqg) in _retrieved_groups(q, k, sel, M, C, out, lse, gout, dq):
-            n, bkv = mask.shape[0], k.shape[0] * k.shape[1]
-            kb = kf.index_select(0, tok).view(n, bkv, -1, d)
-            vb = vf.index_select(0, tok).view(n, bkv, -1, d)
+            kb, vb = _win.gather_rows(kf, vf, tok, mask.shape[0], k.shape[0] * k.shape[1], d)
             gq, gk, gv = _FLASH_BWD(gg, qg, kb, vb, og, lg, 0.0, False, attn_mask=mask, scale=scale)
             dqg.add_(gq)
             # empty slots read real keys but get exactly zero gradient

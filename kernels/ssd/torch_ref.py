@@ -81,6 +81,7 @@ def _into(out: Tensor, fn, *args: Tensor) -> None:
     else:
         fn(*args, out=out)
 
+
 def _decay_full(acum: Tensor) -> Tensor:
     """(..., q) -> (..., q, q): exp(acum_l - acum_s) for s <= l, exactly 1 above the diagonal (the argument is
     clamped to [-80, 0]; there it is >= 0). The caller applies the causal mask (on C.B, shared by the heads)."""

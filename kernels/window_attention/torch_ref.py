@@ -257,6 +257,22 @@ def banded_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
             dv[:, :, k0: k0 + gv.shape[2]] += gv
 
 
+
+def merge_lse(out: Tensor, lse: Tensor, o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor, any2: Tensor) -> None:
+    """Writes into out/lse the softmax over the keys of two flash calls on the same queries, from each call's
+    output and logsumexp (o1/l1 may be out/lse themselves); rows where any2 is False have no key in the second
+    call (its logsumexp there is not finite) and keep the first. Used by span_attention and se_attention."""
+    merged = torch.where(any2, torch.logaddexp(l1, l2), l1)
+    w2 = torch.where(any2, torch.exp(l2 - merged), 0.0)[..., None]
+    out.copy_(o1.to(lse.dtype) * torch.exp(l1 - merged)[..., None] + o2.to(lse.dtype) * w2)
+    lse.copy_(merged)
+
+
+def gather_rows(kf: Tensor, vf: Tensor, tok: Tensor, n: int, heads: int, d: int) -> tuple[Tensor, Tensor]:
+    """Rows `tok` of k and v viewed as (rows, e) (whole blocks or single keys) -> (n, heads, keys, d) each."""
+    return kf.index_select(0, tok).view(n, heads, -1, d), vf.index_select(0, tok).view(n, heads, -1, d)
+
+
 class _BandedAttention(torch.autograd.Function):
     """Sliding-window attention through the CPU flash kernel's forward and backward ops directly: the output and
     the gradients are written into one buffer each (no padding copies, no cat, no zero-filled slice gradients)."""
@@ -298,6 +314,7 @@ def _banded(q: Tensor, k: Tensor, v: Tensor, window: int, scale: Optional[float]
         return _banded_sdpa(q, k, v, window, scale, gqa)
     with torch.autocast("cpu", enabled=False):
         return _BandedAttention.apply(*direct, window, scale, min(_BQ, q.shape[2]))
+
 
 def window_attention_torch(
     q: Tensor,  # (b, h, lq, d)

@@ -82,30 +82,43 @@ failure-map:
 # T=128 on text, fine-tune it at 8T with {full,swa,s2,se_attn} x hylora and se_attn x {lora,lora_plus}, evaluate the
 # pretrained and every fine-tuned checkpoint with full attention (Table 1) and with its own (Table 2): perplexity at
 # T-32T and a needle in a text haystack at 2T-8T; time a step of each kind at 8T alone. Each stage a Hydra run or
-# multirun of conf/experiment/sespan/repro/, in outputs/sespan/<stage>/. Then the reader writes
-# results/sespan/{table.md,results.json,figure.png}.
+# multirun of conf/experiment/sespan/repro/, in outputs/sespan/seed<N>/<stage>/, the whole protocol once per seed of
+# SEEDS (SEEDS="0 1 2": three pretrained models, each fine-tuned and evaluated; seed 0 is the configs' defaults,
+# seed N > 0 adds seed=N data.seed=N to the training stages; the evaluation data is the same for every seed). Then
+# the reader writes results/sespan/{table.md,results.json,figure.png}, over the seeds when there are several;
+# SESPAN_PRIOR: results.json files of earlier seeds to add (e.g. SESPAN_PRIOR=results/sespan/seed0.json).
 # Hydra overrides per stage: PRETRAIN_ARGS (pretrain), ADAPT_ARGS (fine-tuning and timing), EVAL_ARGS (evaluation).
 SESPAN_RUNS ?= outputs/sespan
 SESPAN_OUT ?= results/sespan
+SEEDS ?= 0
 SESPAN := $(abspath $(SESPAN_RUNS))
-SESPAN_CKPT := $(SESPAN)/pretrain/checkpoints/last.ckpt
-SESPAN_COMMAND = $(strip make repro-sespan $(foreach v,PRETRAIN_ARGS ADAPT_ARGS EVAL_ARGS,$(if $($(v)),$(v)="$($(v))")))
-repro-sespan: export WANDB_MODE = offline
-repro-sespan:
-	rm -rf $(SESPAN)
+SESPAN_COMMAND = $(strip make repro-sespan $(if $(filter-out 0,$(SEEDS)),SEEDS="$(SEEDS)") \
+	$(foreach v,SESPAN_PRIOR PRETRAIN_ARGS ADAPT_ARGS EVAL_ARGS,$(if $($(v)),$(v)="$($(v))")))
+# The reader gets the seed folders of SEEDS only: runs of other seeds left in SESPAN_RUNS by an earlier call are not
+# read.
+repro-sespan: $(addprefix sespan-seed-,$(SEEDS))
+	$(PY) -m hybridlm.results sespan $(addprefix $(SESPAN)/seed,$(SEEDS)) $(SESPAN_PRIOR) --out $(SESPAN_OUT) \
+		--command '$(SESPAN_COMMAND)'
+
+# One seed of repro-sespan, in $(SESPAN)/seed<N>/.
+sespan-seed-%: export WANDB_MODE = offline
+sespan-seed-%: SEED_DIR = $(SESPAN)/seed$*
+sespan-seed-%: SEED_CKPT = $(SESPAN)/seed$*/pretrain/checkpoints/last.ckpt
+sespan-seed-%: SEED_ARGS = $(if $(filter-out 0,$*),seed=$* data.seed=$*)
+sespan-seed-%:
+	rm -rf $(SEED_DIR)
 	OMP_NUM_THREADS=$(NPROC) $(PY) -m hybridlm.train +experiment=sespan/repro/pretrain \
-		hydra.run.dir=$(SESPAN)/pretrain $(PRETRAIN_ARGS)
+		hydra.run.dir=$(SEED_DIR)/pretrain $(SEED_ARGS) $(PRETRAIN_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/adapt \
-		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/adapt $(ADAPT_ARGS)
+		init_from=$(SEED_CKPT) hydra.sweep.dir=$(SEED_DIR)/adapt $(SEED_ARGS) $(ADAPT_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/adapt \
 		model/attention=se_attn adapter=lora,lora_plus \
-		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/adapt_recipes $(ADAPT_ARGS)
+		init_from=$(SEED_CKPT) hydra.sweep.dir=$(SEED_DIR)/adapt_recipes $(SEED_ARGS) $(ADAPT_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.evaluate -m +experiment=sespan/repro/eval \
-		ckpt_path=$(SESPAN_CKPT),$$(ls $(SESPAN)/adapt*/*/checkpoints/last.ckpt | paste -sd, -) \
-		hydra.sweep.dir=$(SESPAN)/eval $(EVAL_ARGS)
+		ckpt_path=$(SEED_CKPT),$$(ls $(SEED_DIR)/adapt*/*/checkpoints/last.ckpt | paste -sd, -) \
+		hydra.sweep.dir=$(SEED_DIR)/eval $(EVAL_ARGS)
 	OMP_NUM_THREADS=$(HALF_NPROC) $(PY) -m hybridlm.train -m +experiment=sespan/repro/timing \
-		init_from=$(SESPAN_CKPT) hydra.sweep.dir=$(SESPAN)/timing $(ADAPT_ARGS)
-	$(PY) -m hybridlm.results sespan $(SESPAN) --out $(SESPAN_OUT) --command '$(SESPAN_COMMAND)'
+		init_from=$(SEED_CKPT) hydra.sweep.dir=$(SEED_DIR)/timing $(SEED_ARGS) $(ADAPT_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

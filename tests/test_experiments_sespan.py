@@ -120,7 +120,7 @@ def test_pretrains_a_hybrid_at_T_on_text(stages):
     assert cfg["model"]["layer_pattern"] == "MMAM" and (attn["kind"], attn["window"]) == ("swa", 128)
     assert cfg["data"]["seq_len"] == 128 and cfg["data"]["source"] != "synthetic"  # text, with passkey rows
     assert cfg["data"]["synthetic"]["task"] == "passkey" and cfg["data"]["synthetic"]["passkey_filler"] == "mixed"
-    assert job_dir(pre, job) == runs / "pretrain"
+    assert job_dir(pre, job) == runs / "seed0" / "pretrain"
 
 
 def fine_tuning_jobs(commands):
@@ -129,7 +129,7 @@ def fine_tuning_jobs(commands):
 
 def test_fine_tunes_at_8T_every_kind_with_hylora_and_se_attn_with_each_recipe(stages):
     by_stage, runs = stages
-    ckpt = runs / "pretrain" / "checkpoints" / "last.ckpt"
+    ckpt = runs / "seed0" / "pretrain" / "checkpoints" / "last.ckpt"
     commands = by_stage["adapt"]
     jobs = fine_tuning_jobs(commands)
     assert all(c.module == "hybridlm.train" and c.multirun and c.env["OMP_NUM_THREADS"] == str(HALF)
@@ -150,7 +150,8 @@ def test_fine_tunes_at_8T_every_kind_with_hylora_and_se_attn_with_each_recipe(st
             attn = cfg["model"]["attn"]
             assert [attn[k] for k in ("chunk_sizes", "eval_chunk_size", "block_size", "top_k", "scorer", "shared")] \
                 == [[128, 256], None, 32, 8, "paper", False]
-        assert job_dir(c, job) == runs / ("adapt" if adapter == "hylora" else "adapt_recipes") / f"{kind}+{adapter}"
+        assert job_dir(c, job) == runs / "seed0" / ("adapt" if adapter == "hylora" else "adapt_recipes") / \
+            f"{kind}+{adapter}"
     assert got == FINE_TUNED
 
 
@@ -161,7 +162,7 @@ def test_evaluates_every_checkpoint_with_full_and_with_the_same_attention(stages
     # The pretrained checkpoint, then what the shell lists: the fine-tuned checkpoints (ls sorts them), nothing else.
     (listed,) = [a.removeprefix("ckpt_path=") for a in command.args if a.startswith("ckpt_path=")]
     pretrained, glob = listed.split(",")
-    assert pretrained == str(runs / "pretrain" / "checkpoints" / "last.ckpt")
+    assert pretrained == str(runs / "seed0" / "pretrain" / "checkpoints" / "last.ckpt")
     tuned = sorted(str(job_dir(c, job) / "checkpoints" / "last.ckpt")
                    for c, job in fine_tuning_jobs(by_stage["adapt"]))
     assert all(fnmatch.fnmatch(c, glob) for c in tuned) and not fnmatch.fnmatch(pretrained, glob)
@@ -199,7 +200,29 @@ def test_times_a_step_of_each_kind_at_8T_alone(stages):
 def test_ends_with_the_reader(stages):
     by_stage, runs = stages
     (reader,) = by_stage["results"]
-    assert reader.args[:4] == ["sespan", str(runs), "--out", "results/sespan"]
+    assert reader.args[:4] == ["sespan", str(runs / "seed0"), "--out", "results/sespan"]
+
+
+def test_each_seed_is_the_whole_protocol_in_its_own_folder(tmp_path):
+    """SEEDS="0 2": seed 0 as the configs give it, seed 2 with seed=2 data.seed=2 in every training stage (the
+    evaluation data stays the same), each in runs/seed<N>; the reader gets both folders and SESPAN_PRIOR's files."""
+    commands = make_commands("repro-sespan", SESPAN_RUNS=str(tmp_path), SEEDS="0 2", SESPAN_PRIOR="old.json")
+    *stages, reader = commands
+    assert len(stages) == 2 * 5 and all(c.module != "hybridlm.results" for c in stages)
+    for seed, seed_stages in ((0, stages[:5]), (2, stages[5:])):
+        for c in seed_stages:
+            for job in sweep_jobs(c):
+                kind = "evaluate" if c.module == "hybridlm.evaluate" else "train"
+                cfg = effective(kind, job)["config"]
+                if kind == "train":
+                    assert (cfg["seed"], cfg["data"]["seed"]) == ((0, 1234) if seed == 0 else (2, 2))
+                    assert cfg["init_from"] in (None, str(tmp_path / f"seed{seed}/pretrain/checkpoints/last.ckpt"))
+                else:
+                    assert cfg["seed"] == 0 and cfg["eval"]["seed"] == 0 and "data.seed" not in " ".join(job)
+            (out,) = [a.partition("=")[2] for a in c.args if a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+            assert Path(out).parent == tmp_path / f"seed{seed}"
+    assert reader.args[:5] == ["sespan", str(tmp_path / "seed0"), str(tmp_path / "seed2"), "old.json", "--out"]
+    assert reader.args[-1] == 'make repro-sespan SEEDS="0 2" SESPAN_PRIOR="old.json"'
 
 
 # Small enough to run in a test: a tiny pretrained model, 2 fine-tuning steps at 256 tokens, a small needle grid,
@@ -229,10 +252,10 @@ def test_make_repro_sespan_end_to_end(tmp_path):
     assert list(rows) == [("none", "none"), *FINE_TUNED]
 
     row = rows[("se_attn", "hylora")]
-    adapt_dir = runs / "adapt" / "se_attn+hylora"
+    adapt_dir = runs / "seed0" / "adapt" / "se_attn+hylora"
     result = json.loads((adapt_dir / "result.json").read_text())
     assert row["peak_rss_mb"] == result["resources"]["peak_rss_mb"] and result["resources"]["threads"] == HALF
-    evals = [json.loads(p.read_text()) for p in (runs / "eval").glob("*/result.json")]
+    evals = [json.loads(p.read_text()) for p in (runs / "seed0" / "eval").glob("*/result.json")]
     for attention, used in (("full", "full"), ("same", "se_attn")):
         (ev,) = [r for r in evals if f"ckpt_path={adapt_dir / 'checkpoints' / 'last.ckpt'}" in r["overrides"]
                  and f"eval.attention={attention}" in r["overrides"]]
@@ -246,7 +269,7 @@ def test_make_repro_sespan_end_to_end(tmp_path):
         assert len(loss) == 511
         for n in (128, 256, 512):  # T, 8T (= the fine-tuning length here), 16T
             assert got["ppl"][str(n)] == round(math.exp(sum(loss[:n - 1]) / (n - 1)), 4)
-    with open(runs / "timing" / "se_attn+hylora" / "csv" / "metrics.csv") as f:
+    with open(runs / "seed0" / "timing" / "se_attn+hylora" / "csv" / "metrics.csv") as f:
         rates = [float(r["train/tokens_per_s"]) for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
     assert row["step_seconds_isolated"] == round(min(2 * 256 / r for r in rates), 4)
     meta = results["meta"]

@@ -237,3 +237,69 @@ def test_failure_map_from_runs_still_going(tmp_path):
     assert [p["tokens_per_parameter"] for p in runs[1]["points"]] == [10, 20, 30]
     assert runs[1]["points"][0]["state_norm_final_over_at_T"] == 1.5 and runs[1]["points"][0]["on"] == "recall answers"
     assert (out / "figure.png").stat().st_size > 0
+
+
+def sespan_seed(seed: int, ppl: dict[str, float], needle: dict[str, float]) -> dict:
+    """One seed of make repro-sespan as the reader writes it (results.json of a single seed): every model at
+    PPL ppl[kind] at every length and needle accuracy needle[kind], in both tables."""
+    from hybridlm.results.sespan import ROWS, label, orderings
+    lengths = [128, 1024, 2048, 4096]
+    rows = []
+    for kind, adapter in ROWS[:5]:
+        ev = {"attention_used": "full", "ppl": {str(n): ppl[kind] for n in lengths},
+              "needle_by_length": {"256": needle[kind]}, "needle_beyond_T": needle[kind],
+              "loss_by_position_bins_of_16": [math.log(ppl[kind])] * 8}
+        rows.append({"attention": kind, "adapter": adapter, "label": label((kind, adapter)),
+                     "trainable_params": 10, "step_seconds": 1.0 + seed, "step_seconds_isolated": 0.5,
+                     "peak_rss_mb": 700.0, "evals": {"full": ev, "same": ev}})
+    meta = {"command": "make repro-sespan", "seed": seed, "wall_minutes": 10.0, "cpus": 2, "load_average": "1.0",
+            "parallel": 2, "threads": 1, "timing_steps": 6, "pretrain_len": 128, "adapt_len": 1024,
+            "eval_len": 4096, "ppl_lengths": lengths, "window": 128, "pretrain_steps": 10, "pretrain_batch": 2,
+            "pretrain_mix_prob": 0.5, "adapt_steps": 5, "adapt_batch": 2, "adapt_lr": 0.001, "se_attn": None,
+            "needle_lengths": [256], "needle_depths": [0.5], "needle_samples": 1, "loss_sequences": 2,
+            "loss_bin": 16, "orderings": orderings(rows, lengths[1:])}
+    return {"meta": meta, "runs": rows}
+
+
+def test_sespan_reader_over_seeds(tmp_path):
+    """Seeds from results.json files: every number as mean ± population std over the seeds, each of the paper's
+    orderings counted per seed and judged on the means; a seed given twice is refused."""
+    ppl = [{"none": 9.0, "full": 7.0, "se_attn": 7.2, "swa": 7.5, "s2": 8.0},  # seed 0: the paper's order
+           {"none": 9.0, "full": 7.4, "se_attn": 7.1, "swa": 7.6, "s2": 7.3}]  # seed 1: SE < full, S2 < SW
+    needle = [{"none": 0.5, "full": 0.8, "se_attn": 0.8, "swa": 0.6, "s2": 0.6},
+              {"none": 0.4, "full": 0.9, "se_attn": 0.6, "swa": 0.6, "s2": 0.6}]
+    for seed in (0, 1):
+        (tmp_path / f"seed{seed}.json").write_text(json.dumps(sespan_seed(seed, ppl[seed], needle[seed])))
+    # one seed read back from its results.json gives the table it was written with
+    assert main(["sespan", str(tmp_path / "seed0.json"), "--out", str(tmp_path / "one")]) == 0
+    assert main(["sespan", str(tmp_path / "one" / "results.json"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "one" / "table.md").read_text() == (tmp_path / "again" / "table.md").read_text()
+
+    out = tmp_path / "out"
+    assert main(["sespan", str(tmp_path / "seed1.json"), str(tmp_path / "seed0.json"), "--out", str(out),
+                 "--command", "cmd", "--loss-bin", "32"]) == 0
+    table = (out / "table.md").read_text().splitlines()
+    # Full-Attn + hylora: PPL 7.0 and 7.4 -> 7.20 ± 0.20; needle 0.8 and 0.9 -> 0.85 ± 0.05 (population std)
+    (full_row,) = [line for line in table if line.startswith("| Full-Attn + hylora | full | 7.20 ± 0.20 |")][:1]
+    assert "| 0.85 ± 0.05 | 0.85 ± 0.05 | 0.50 ± 0.00 | 1.50 ± 0.50 | 10 | 700 ± 0 |" in full_row
+    # Full <= SE holds in seed 0 (7.0 <= 7.2) not in seed 1 (7.4 > 7.1); on the means 7.20 > 7.15: not reproduced
+    over = [x for x in table if "on the means" in x]  # the verdicts over the seeds (each seed's section follows)
+    assert len(over) == 10
+    (line,) = [x for x in over if x.startswith("- Full-Attn <= SE-Attn (Table 1")]
+    assert "reproduced in **1 of 2** seeds (seed 0 yes, seed 1 no); on the means: **NOT reproduced**" in line
+    # SW < S2: seed 0 yes (7.5 < 8.0), seed 1 no (7.6 > 7.3); means 7.55 < 7.65: reproduced
+    (line,) = [x for x in over if x.startswith("- SW-Attn < S2-Attn (Table 2")]
+    assert "reproduced in **1 of 2** seeds (seed 0 yes, seed 1 no); on the means: **reproduced**" in line
+    # needle beyond T: SE 0.8 >= 0.8 x 0.8 in seed 0, 0.6 < 0.8 x 0.9 in seed 1; means 0.70 >= 0.8 x 0.85
+    (line,) = [x for x in over if x.startswith("- needle beyond T") and "Table 1" in x]
+    assert "reproduced in **1 of 2** seeds" in line and "on the means: **reproduced**" in line
+    assert table.index("## Seed 0") < table.index("## Seed 1")  # each seed's own tables, in seed order
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["seeds"] == [0, 1] and [s["meta"]["seed"] for s in results["seeds"]] == [0, 1]
+    se = [r for r in results["over_seeds"] if r["attention"] == "se_attn"][0]["evals"]["full"]
+    assert se["ppl"]["1024"] == {"mean": 7.15, "std": 0.05, "min": 7.1, "max": 7.2, "n": 2}
+    assert se["loss_by_position_bins_of_16"] == [round((math.log(7.2) + math.log(7.1)) / 2, 4)] * 8
+    assert (out / "figure.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="more than one source"):
+        main(["sespan", str(tmp_path / "seed0.json"), str(tmp_path / "one" / "results.json"), "--out",
+              str(tmp_path / "dup")])

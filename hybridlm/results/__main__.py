@@ -14,21 +14,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m hybridlm.results", description=__doc__.split("\n")[0])
     p.add_argument("experiment", choices=["lengthgen", "sespan", "failure_map"])
     p.add_argument("runs", type=Path, nargs="+", help="the folder of the experiment's runs (hydra.sweep.dir / "
-                   "hydra.run.dir); failure_map: several, folders or results.json files it wrote before")
+                   "hydra.run.dir); failure_map and sespan: several, folders or results.json files they wrote before")
     p.add_argument("--out", type=Path, required=True, help="where table.md, results.json and figure.png go")
     p.add_argument("--command", default=None, help="the command quoted in the table (default: make repro-<name>)")
     p.add_argument("--loss-bin", type=int, default=128, help="sespan: positions per point of the loss curves")
     args = p.parse_args(argv)
     command = args.command or ("make failure-map" if args.experiment == "failure_map"
                                else f"make repro-{args.experiment}")
-    if args.experiment != "failure_map" and len(args.runs) > 1:
+    if args.experiment == "lengthgen" and len(args.runs) > 1:
         p.error(f"{args.experiment} reads one folder of runs, got {len(args.runs)}")
     if args.experiment == "lengthgen":
         complete = lengthgen.write(args.runs[0], args.out, command)
     elif args.experiment == "failure_map":
         complete = failure_map.write(args.runs, args.out, command)
     else:
-        complete = sespan.write(args.runs[0], args.out, command, args.loss_bin)
+        complete = sespan.write(args.runs, args.out, command, args.loss_bin)
     print((args.out / "table.md").read_text(), flush=True)
     print(f"hybridlm.results: wrote {args.out}/table.md, results.json and figure.png"
           + ("" if complete else "; some jobs FAILED or have no report yet (see the table)"), flush=True)

@@ -8,6 +8,11 @@ runs: the stages of conf/experiment/sespan/repro/, found under one folder by the
             ckpt_path), with eval.attention full (the paper's Table 1) and same (Table 2);
 - timing:   each kind x hylora run alone for a few steps: its fastest step.
 
+Several seeds (`make repro-sespan SEEDS="0 1 2"`): each pretraining run with the jobs that descend from its checkpoint
+is one seed; a results.json this reader wrote before adds its seeds. With more than one seed the table leads with
+the mean ± population std of every number over the seeds, and each of the paper's orderings says in how many seeds
+it is reproduced and whether it holds on the means; each seed's own tables follow.
+
 Writes {out}/table.md, results.json and figure.png. Measurements:
 - perplexity at L: exp of the mean next-token loss over the first L-1 predictions of the evaluation windows, i.e.
   the perplexity of an L-token context (every kind's output at a position depends only on the tokens up to it,
@@ -31,7 +36,7 @@ from typing import Optional
 
 import yaml
 
-from hybridlm.results import Job, last_finished, read_jobs, wall_span_seconds
+from hybridlm.results import Job, finite, last_finished, read_jobs, spread, wall_span_seconds
 
 STAGES = ("pretrain", "adapt", "eval", "timing")  # conf/experiment/sespan/repro/<stage>.yaml
 EVALS = ("full", "same")  # eval.attention of the eval stage: Table 1, Table 2
@@ -133,10 +138,9 @@ def summarize_eval(job: Job, where: Callable[[int, float], str], lengths: list[i
             "loss_per_position": loss, "eval_seconds": job.wall_seconds}
 
 
-def binned(loss: list[float], bin_len: int) -> tuple[list[float], list[float]]:
-    """(bin centres, mean loss per bin of bin_len positions)."""
-    starts = range(0, len(loss), bin_len)
-    return [(s + min(s + bin_len, len(loss))) / 2 for s in starts], [mean(loss[s:s + bin_len]) for s in starts]
+def binned(loss: list[float], bin_len: int) -> list[float]:
+    """The mean loss per bin of bin_len positions."""
+    return [mean(loss[s:s + bin_len]) for s in range(0, len(loss), bin_len)]
 
 
 def rounded(x):
@@ -149,27 +153,45 @@ def rounded(x):
     return x
 
 
-def for_json(row: dict, bin_len: int = 16) -> dict:
-    """The row with the per-position losses in bins of bin_len (each run's full curve stays in its
+CURVE_BIN = 16  # positions per bin of the loss curves kept in results.json
+CURVE = f"loss_by_position_bins_of_{CURVE_BIN}"
+
+
+def for_json(row: dict) -> dict:
+    """The row with the per-position losses in bins of CURVE_BIN (each run's full curve stays in its
     length_eval/loss_by_position_per_position.csv) and floats rounded to 4 decimals, to keep results.json small."""
     out = {k: v for k, v in row.items() if k != "evals"}
     out["evals"] = {}
     for name, ev in row.get("evals", {}).items():
         ev = {k: v for k, v in ev.items() if k != "loss_per_position"}
         if "loss_per_position" in row["evals"][name]:
-            ev[f"loss_by_position_bins_of_{bin_len}"] = binned(row["evals"][name]["loss_per_position"], bin_len)[1]
+            ev[CURVE] = binned(row["evals"][name]["loss_per_position"], CURVE_BIN)
         out["evals"][name] = ev
     return rounded(out)
 
 
+def seed_groups(jobs: list[Job]) -> list[list[Job]]:
+    """The jobs of each pretraining run: itself, the fine-tuning and timing jobs initialised from its checkpoint
+    and the evaluations of any of those checkpoints."""
+    pretrains = [j for j in jobs if stage(j) == "pretrain"]
+    if not pretrains:
+        raise ValueError("found no pretraining run (+experiment=sespan/repro/pretrain)")
+    groups = []
+    for pre in pretrains:
+        ckpt = checkpoint(pre)
+        tuned = [j for j in jobs if stage(j) in ("adapt", "timing") and j.override("init_from")
+                 and Path(j.override("init_from")).resolve() == ckpt]
+        ckpts = {ckpt} | {checkpoint(j) for j in tuned if stage(j) == "adapt"}
+        evals = [j for j in jobs if stage(j) == "eval" and Path(j.override("ckpt_path") or "").resolve() in ckpts]
+        groups.append([pre, *tuned, *evals])
+    return groups
+
+
 def collect(jobs: list[Job], command: str, loss_bin: int) -> tuple[list[dict], dict]:
     """One row per model (the pretrained one, then each kind x recipe) with its evaluations under "evals"
-    ({full, same}), and the settings and figures the tables quote."""
+    ({full, same}), and the settings and figures the tables quote: the jobs of one pretraining run (one seed)."""
     by_stage = {s: [j for j in jobs if stage(j) == s] for s in STAGES}
-    if len(by_stage["pretrain"]) != 1:
-        raise ValueError(f"expected one pretraining run (+experiment=sespan/repro/pretrain), found "
-                         f"{len(by_stage['pretrain'])}")
-    pre = by_stage["pretrain"][0]
+    (pre,) = by_stage["pretrain"]
     adapt = {row_key(j): j for j in by_stage["adapt"]}
     timing = {row_key(j): j for j in by_stage["timing"]}
     evals = {(Path(j.override("ckpt_path")).resolve(), j.config["eval"]["attention"]): j for j in by_stage["eval"]}
@@ -211,7 +233,8 @@ def collect(jobs: list[Job], command: str, loss_bin: int) -> tuple[list[dict], d
     wall = wall_span_seconds(jobs)
     timed_steps = [len(step_seconds(j)) for j in by_stage["timing"] if j.ok]
     some_adapt = next(iter(adapt.values()), None)
-    meta = {"command": command, "wall_minutes": wall / 60 if wall is not None else math.nan,
+    meta = {"command": command, "seed": pre.config.get("seed", 0),
+            "wall_minutes": wall / 60 if wall is not None else math.nan,
             "cpus": last.resources["cpus"] if last else None,
             "load_average": " / ".join(f"{x:.1f}" for x in last.resources["load_average"]) if last else "?",
             "parallel": some_adapt.parallel if some_adapt else None,
@@ -268,10 +291,83 @@ def orderings(rows: list[dict], lengths: list[int]) -> list[dict]:
     return out
 
 
+# ----- several seeds ----------------------------------------------------------------------------------------------
+
+def load_seeds(path: Path) -> list[tuple[list[dict], dict]]:
+    """(rows, meta) of each seed in a results.json this reader wrote (one seed: {meta, runs}; several: {seeds})."""
+    data = json.loads(path.read_text())
+    if "seeds" in data:
+        return [(s["runs"], s["meta"]) for s in data["seeds"]]
+    meta = dict(data["meta"])
+    meta.setdefault("seed", 0)  # written before seeds were recorded: `make repro-sespan`, the configs' seed 0
+    return [(data["runs"], meta)]
+
+
+def _union(lists) -> list:
+    out = []
+    for xs in lists:
+        out += [x for x in xs if x not in out]
+    return out
+
+
+def over_seeds(seeds: list[tuple[list[dict], dict]]) -> list[dict]:
+    """One row per model with every number as its spread over the seeds (mean, population std, min, max, n), and
+    the mean loss curve."""
+    keys = _union([(r["attention"], r["adapter"]) for r in rows] for rows, _ in seeds)
+    out = []
+    for key in keys:
+        rs = [r for rows, _ in seeds for r in rows if (r["attention"], r["adapter"]) == key]
+        row = {"attention": key[0], "adapter": key[1], "label": rs[0]["label"], "seeds": len(rs),
+               "trainable_params": rs[0].get("trainable_params"), "evals": {}}
+        for k in ("step_seconds_isolated", "step_seconds", "peak_rss_mb"):
+            row[k] = spread([finite(r.get(k)) for r in rs])
+        errors = [r["error"] for r in rs if r.get("error")]
+        if errors:
+            row["error"] = f"{len(errors)} of {len(rs)} seeds: {errors[0]}"
+        for name in EVALS:
+            evs = [r["evals"][name] for r in rs if name in r["evals"] and "error" not in r["evals"][name]]
+            if not evs:
+                continue
+            curves = [e[CURVE] for e in evs if e.get(CURVE)]
+            n = min(map(len, curves)) if curves else 0
+            row["evals"][name] = {
+                "attention_used": evs[0].get("attention_used"),
+                "ppl": {L: spread([finite(e["ppl"].get(L)) for e in evs]) for L in _union(e["ppl"] for e in evs)},
+                "needle_by_length": {L: spread([finite(e["needle_by_length"].get(L)) for e in evs])
+                                     for L in _union(e["needle_by_length"] for e in evs)},
+                "needle_beyond_T": spread([finite(e.get("needle_beyond_T")) for e in evs]),
+                CURVE: [mean([c[i] for c in curves]) for i in range(n)]}
+        out.append(row)
+    return out
+
+
+def means(x):
+    """x with every spread replaced by its mean (the rows the paper's orderings are judged on)."""
+    if isinstance(x, dict):
+        return x["mean"] if set(x) == {"mean", "std", "min", "max", "n"} else {k: means(v) for k, v in x.items()}
+    return [means(v) for v in x] if isinstance(x, list) else x
+
+
+def verdicts_by_claim(seeds: list[tuple[list[dict], dict]]) -> dict[tuple[str, str], list[tuple[int, Optional[bool]]]]:
+    """(table, claim) -> [(seed, reproduced)] over the seeds."""
+    out: dict = {}
+    for _, meta in seeds:
+        for o in meta["orderings"]:
+            out.setdefault((o["table"], o["claim"]), []).append((meta["seed"], o["reproduced"]))
+    return out
+
+
 # ----- outputs ----------------------------------------------------------------------------------------------------
 
 def fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def cell(x, spec: str) -> str:
+    """A number, or its spread over seeds as mean ± population std."""
+    if isinstance(x, dict):
+        return format(x["mean"], spec) + (f" ± {format(x['std'], spec)}" if x["n"] > 1 else "")
+    return fmt(x, spec)
 
 
 def length_name(n: int, T: int) -> str:
@@ -295,24 +391,28 @@ def perplexity_table(rows: list[dict], meta: dict, name: str) -> list[str]:
         ev = r["evals"].get(name, {})
         quoted = paper.get(r["attention"]) if r["adapter"] in ("hylora", "none") else None
         cells = [r["label"], ev.get("attention_used", "-")]
-        cells += [fmt(ev.get("ppl", {}).get(str(n)), ".2f") for n in ours]
+        cells += [cell(ev.get("ppl", {}).get(str(n)), ".2f") for n in ours]
         cells += [fmt(quoted[i], ".2f") if quoted else "-" for i in range(len(ours))]
-        cells += [fmt(ev.get("needle_by_length", {}).get(n), ".2f") for n in needle]
-        cells += [fmt(ev.get("needle_beyond_T"), ".2f")]
+        cells += [cell(ev.get("needle_by_length", {}).get(n), ".2f") for n in needle]
+        cells += [cell(ev.get("needle_beyond_T"), ".2f")]
         if name == "full":
-            cells += [fmt(r.get("step_seconds_isolated"), ".2f"), fmt(r.get("step_seconds"), ".2f"),
-                      fmt(r.get("trainable_params"), ",d"), fmt(r.get("peak_rss_mb"), ".0f")]
+            cells += [cell(r.get("step_seconds_isolated"), ".2f"), cell(r.get("step_seconds"), ".2f"),
+                      fmt(r.get("trainable_params"), ",d"), cell(r.get("peak_rss_mb"), ".0f")]
         if r.get("error"):
             cells[1] = f"FAILED: {r['error']}"
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def ordering_lines(meta: dict) -> list[str]:
-    T = meta["pretrain_len"]
+VERDICT = {True: "reproduced", False: "NOT reproduced", None: "undecided"}
+
+
+def ordering_lines(orderings_: list[dict], T: int, by_seed: Optional[dict] = None) -> list[str]:
+    """One line per claim; with by_seed ((table, claim) -> [(seed, verdict)]) the verdict is the one on the means
+    over the seeds, after the count of seeds that reproduce it."""
     lines = []
-    for o in meta["orderings"]:
-        verdict = {True: "reproduced", False: "NOT reproduced", None: "undecided"}[o["reproduced"]]
+    for o in orderings_:
+        verdict = VERDICT[o["reproduced"]]
         table = "Table 1, full attention" if o["table"] == "full" else "Table 2, same attention"
         if "cells" in o:
             detail = "; ".join(f"{length_name(c['length'], T)}: ours {'yes' if c['ours'] else 'no'}, paper "
@@ -320,49 +420,86 @@ def ordering_lines(meta: dict) -> list[str]:
         else:
             detail = f"SE-Attn {o['se_attn']:.2f}, Full-Attn {o['full']:.2f}" + (
                 "; full attention finds no needle" if o["reproduced"] is None else "")
-        lines.append(f"- {o['claim']} ({table}): **{verdict}** ({detail})")
+        if by_seed is None:
+            lines.append(f"- {o['claim']} ({table}): **{verdict}** ({detail})")
+            continue
+        seeds = by_seed.get((o["table"], o["claim"]), [])
+        count = sum(v is True for _, v in seeds)
+        per_seed = ", ".join(f"seed {s} {'yes' if v else 'no' if v is False else 'undecided'}" for s, v in seeds)
+        lines.append(f"- {o['claim']} ({table}): reproduced in **{count} of {len(seeds)}** seeds ({per_seed}); "
+                     f"on the means: **{verdict}** ({detail})")
     return lines
 
 
-def write_table(rows: list[dict], meta: dict, path: Path) -> None:
-    T, L, E = meta["pretrain_len"], meta["adapt_len"], meta["eval_len"]
+def settings_lines(meta: dict) -> list[str]:
     se = meta["se_attn"] or {}
-    lines = [f"# Expansion Span on CPU, the paper's protocol: a T={T} hybrid fine-tuned at {L} tokens", "",
-             f"`{meta['command']}`: {meta['wall_minutes']:.1f} min wall on {meta['cpus']} CPU cores "
-             f"(load average {meta['load_average']}: the machine was shared).", "",
-             f"Pretraining: {meta['pretrain_steps']} steps at T={T} (sliding window {meta['window']}, i.e. full "
-             f"attention at T), a share {meta['pretrain_mix_prob']} of the rows passkey sentences hidden in text. "
-             f"Fine-tuning: {meta['adapt_steps']} steps at {L} tokens, batch {meta['adapt_batch']}, lr "
-             f"{meta['adapt_lr']}, LoRA r 32 alpha 64. SE-Attn: chunk sizes {se.get('chunk_sizes')} (eval "
-             f"{se.get('eval_chunk_size') or 'the largest'}), blocks of {se.get('block_size')}, top_k "
-             f"{se.get('top_k')}, scorer {se.get('scorer')}. PPL: exp of the mean next-token loss over the first L "
-             f"tokens of {meta['loss_sequences']} validation windows of {E} tokens. Needle: a passkey sentence at "
-             f"depths {meta['needle_depths']} inside validation text, {meta['needle_samples']} prompts per (length, "
-             "depth), exact match, mean over depths; beyond T: the cells whose key lies more than T tokens before "
-             "the question's end.", "",
-             "Paper: Nunez et al., *Expansion Span: Combining Fading Memory and Retrieval in Hybrid State Space "
-             "Models*, NeuS 2025, PMLR 288:570-596, Tables 1 and 2 (PG-19 PPL of a 2.7B Mamba-2-Hybrid pretrained "
-             "at 2048 and fine-tuned at 8192 with HyLoRA). Its columns are aligned by role: pretraining length, "
-             "fine-tuning length, 2x and 4x it (the paper fine-tunes at 4x its pretraining length, we at 8x).", "",
-             "## Evaluated with full attention (the paper's Table 1)", "",
-             *perplexity_table(rows, meta, "full"), "",
-             "## Evaluated with the attention used in fine-tuning (the paper's Table 2)", "",
-             *perplexity_table(rows, meta, "same"), "",
-             "## The paper's orderings (computed from the tables above and the quoted numbers)", "",
-             *ordering_lines(meta), "",
-             "Notes:",
-             "- not fine-tuned: the pretrained checkpoint; with the same attention it runs its sliding window.",
-             "- S2-Attn trains with shifted groups and evaluates with full attention, so its two tables agree.",
-             "- s / step isolated: the fastest of the "
-             f"{meta['timing_steps']} timed steps of a short run of the kind + hylora at {L} tokens, one job at a "
-             f"time; in run: the median step of the fine-tuning job ({meta['parallel']} jobs at a time, "
-             f"{meta['threads']} thread(s) each, on a shared machine). Peak RSS: the fine-tuning job's own.",
-             "- Differences of a few hundredths in PPL and of one prompt in the needle are within noise at this "
-             "size.", ""]
+    T, L, E = meta["pretrain_len"], meta["adapt_len"], meta["eval_len"]
+    return [f"Pretraining: {meta['pretrain_steps']} steps at T={T} (sliding window {meta['window']}, i.e. full "
+            f"attention at T), a share {meta['pretrain_mix_prob']} of the rows passkey sentences hidden in text. "
+            f"Fine-tuning: {meta['adapt_steps']} steps at {L} tokens, batch {meta['adapt_batch']}, lr "
+            f"{meta['adapt_lr']}, LoRA r 32 alpha 64. SE-Attn: chunk sizes {se.get('chunk_sizes')} (eval "
+            f"{se.get('eval_chunk_size') or 'the largest'}), blocks of {se.get('block_size')}, top_k "
+            f"{se.get('top_k')}, scorer {se.get('scorer')}. PPL: exp of the mean next-token loss over the first L "
+            f"tokens of {meta['loss_sequences']} validation windows of {E} tokens. Needle: a passkey sentence at "
+            f"depths {meta['needle_depths']} inside validation text, {meta['needle_samples']} prompts per (length, "
+            "depth), exact match, mean over depths; beyond T: the cells whose key lies more than T tokens before "
+            "the question's end.", "",
+            "Paper: Nunez et al., *Expansion Span: Combining Fading Memory and Retrieval in Hybrid State Space "
+            "Models*, NeuS 2025, PMLR 288:570-596, Tables 1 and 2 (PG-19 PPL of a 2.7B Mamba-2-Hybrid pretrained "
+            "at 2048 and fine-tuned at 8192 with HyLoRA). Its columns are aligned by role: pretraining length, "
+            "fine-tuning length, 2x and 4x it (the paper fine-tunes at 4x its pretraining length, we at 8x).", ""]
+
+
+def wall_line(meta: dict) -> str:
+    return (f"`{meta['command']}`: {meta['wall_minutes']:.1f} min wall on {meta['cpus']} CPU cores "
+            f"(load average {meta['load_average']}: the machine was shared).")
+
+
+def tables_lines(rows: list[dict], meta: dict, orderings_lines: list[str], level: str = "##") -> list[str]:
+    return [f"{level} Evaluated with full attention (the paper's Table 1)", "",
+            *perplexity_table(rows, meta, "full"), "",
+            f"{level} Evaluated with the attention used in fine-tuning (the paper's Table 2)", "",
+            *perplexity_table(rows, meta, "same"), "",
+            f"{level} The paper's orderings (computed from the tables above and the quoted numbers)", "",
+            *orderings_lines, ""]
+
+
+def notes_lines(meta: dict) -> list[str]:
+    return ["Notes:",
+            "- not fine-tuned: the pretrained checkpoint; with the same attention it runs its sliding window.",
+            "- S2-Attn trains with shifted groups and evaluates with full attention, so its two tables agree.",
+            "- s / step isolated: the fastest of the "
+            f"{meta['timing_steps']} timed steps of a short run of the kind + hylora at {meta['adapt_len']} tokens, "
+            f"one job at a time; in run: the median step of the fine-tuning job ({meta['parallel']} jobs at a time, "
+            f"{meta['threads']} thread(s) each, on a shared machine). Peak RSS: the fine-tuning job's own.",
+            "- Differences of a few hundredths in PPL and of one prompt in the needle are within noise at this "
+            "size.", ""]
+
+
+def write_table(seeds: list[tuple[list[dict], dict]], mean_rows: Optional[list[dict]], mean_orderings: list[dict],
+                command: str, path: Path) -> None:
+    rows, meta = seeds[0]
+    T = meta["pretrain_len"]
+    title = f"# Expansion Span on CPU, the paper's protocol: a T={T} hybrid fine-tuned at {meta['adapt_len']} tokens"
+    if mean_rows is None:
+        lines = [title, "", wall_line(meta), "", *settings_lines(meta),
+                 *tables_lines(rows, meta, ordering_lines(meta["orderings"], T)), *notes_lines(meta)]
+    else:
+        names = ", ".join(str(m["seed"]) for _, m in seeds)
+        lines = [title, "", f"`{command}`: seeds {names} (the seed of pretraining and fine-tuning; the same "
+                 "evaluation data for every seed). Each number over the seeds is the mean ± population std; each "
+                 "seed's own tables, with the command that ran it, follow.", "", *settings_lines(meta),
+                 *tables_lines(mean_rows, meta, ordering_lines(mean_orderings, T, verdicts_by_claim(seeds)),
+                               f"## Over {len(seeds)} seeds:"), *notes_lines(meta)]
+        for rows, m in seeds:
+            lines += [f"## Seed {m['seed']}", "", wall_line(m), "",
+                      *tables_lines(rows, m, ordering_lines(m["orderings"], T), "###")]
     path.write_text("\n".join(lines))
 
 
-def write_figure(rows: list[dict], meta: dict, path: Path) -> None:
+def write_figure(rows: list[dict], meta: dict, path: Path, loss_bin: int, seeds: int = 1) -> None:
+    """Loss by position (the bins of 16 positions the rows keep, merged into bins of loss_bin) and the needle by
+    length; over several seeds, their means."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -370,24 +507,27 @@ def write_figure(rows: list[dict], meta: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     styles = {"hylora": "-", "none": ":", "lora": "--", "lora_plus": "-."}
+    k = max(1, loss_bin // CURVE_BIN)
+    over = f", mean of {seeds} seeds" if seeds > 1 else ""
     for ax, name in zip(axes[:2], EVALS):
         for r in rows:
-            loss = r["evals"].get(name, {}).get("loss_per_position")
-            if loss:
-                ax.plot(*binned(loss, meta["loss_bin"]), styles.get(r["adapter"], "-"),
+            curve = r["evals"].get(name, {}).get(CURVE)
+            if curve:
+                xs = [CURVE_BIN * (i + k / 2) for i in range(0, len(curve), k)]
+                ax.plot(xs, [mean(curve[i:i + k]) for i in range(0, len(curve), k)], styles.get(r["adapter"], "-"),
                         color=COLORS.get(r["attention"], "gray"), linewidth=1.2, label=r["label"])
         for x, text in ((meta["pretrain_len"], "T"), (meta["adapt_len"], "8T")):
             ax.axvline(x, color="gray", linewidth=0.8, linestyle="-.")
             ax.annotate(text, (x, 1), xycoords=("data", "axes fraction"), xytext=(3, -10),
                         textcoords="offset points", fontsize=8, color="gray")
-        ax.set_xlabel(f"position (means over bins of {meta['loss_bin']})")
+        ax.set_xlabel(f"position (means over bins of {k * CURVE_BIN})")
         ax.set_ylabel("next-token loss (nats)")
-        ax.set_title(f"loss by position, evaluated with {'full attention' if name == 'full' else 'the same'}",
+        ax.set_title(f"loss by position, evaluated with {'full attention' if name == 'full' else 'the same'}{over}",
                      fontsize=9)
     axes[0].legend(fontsize=7)
     ax = axes[2]
     for r in rows:
-        ev = r["evals"].get("full", {}).get("needle_by_length")
+        ev = means(r["evals"].get("full", {}).get("needle_by_length"))
         if ev:
             ax.plot([int(n) for n in ev], list(ev.values()), "o" + styles.get(r["adapter"], "-"),
                     color=COLORS.get(r["attention"], "gray"), label=r["label"])
@@ -395,19 +535,44 @@ def write_figure(rows: list[dict], meta: dict, path: Path) -> None:
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle exact match (mean over depths)")
-    ax.set_title("needle in a text haystack, evaluated with full attention", fontsize=9)
+    ax.set_title(f"needle in a text haystack, evaluated with full attention{over}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
 
 
-def write(runs: Path, out: Path, command: str, loss_bin: int = 128) -> bool:
-    """Read the runs under `runs`, write the outputs to `out`; False when a job failed or a row is incomplete."""
-    jobs = read_jobs(runs)
-    rows, meta = collect(jobs, command, loss_bin)
+def write(sources: list[Path], out: Path, command: str, loss_bin: int = 128) -> bool:
+    """Read the seeds of `sources` (folders of runs, results.json files written before), write the outputs to `out`;
+    False when a job failed or a row is incomplete."""
+    seeds, complete = [], True
+    for src in map(Path, sources):
+        if src.is_file():
+            seeds += load_seeds(src)
+            continue
+        jobs = read_jobs(src)
+        for group in seed_groups(jobs):
+            rows, meta = collect(group, command, loss_bin)
+            seeds.append(([for_json(r) for r in rows], rounded(meta)))
+        complete &= not [j for j in jobs if stage(j) and not j.ok]
+    complete &= all("error" not in r for rows, _ in seeds for r in rows)
+    seeds.sort(key=lambda s: s[1]["seed"])
+    numbers = [m["seed"] for _, m in seeds]
+    if len(set(numbers)) < len(numbers):
+        raise ValueError(f"seeds {numbers}: a seed appears in more than one source; give each seed once")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"meta": rounded(meta), "runs": [for_json(r) for r in rows]},
-                                                 indent=1))
-    write_table(rows, meta, out / "table.md")
-    write_figure(rows, meta, out / "figure.png")
-    failed = [j for j in jobs if stage(j) and not j.ok]
-    return not failed and all("error" not in r for r in rows)
+    if len(seeds) == 1:
+        rows, meta = seeds[0]
+        results = {"meta": meta, "runs": rows}
+        mean_rows, mean_orderings, figure_rows = None, [], rows
+    else:
+        mean_rows = over_seeds(seeds)
+        mean_orderings = orderings(means(mean_rows), seeds[0][1]["ppl_lengths"][1:])
+        results = {"meta": {"command": command, "seeds": numbers, "orderings_on_means": mean_orderings,
+                            "verdicts_by_seed": [{"table": t, "claim": c, "seeds": [{"seed": s, "reproduced": v}
+                                                                                   for s, v in vs]}
+                                                 for (t, c), vs in verdicts_by_claim(seeds).items()]},
+                   "over_seeds": mean_rows, "seeds": [{"meta": m, "runs": r} for r, m in seeds]}
+        figure_rows = mean_rows
+    (out / "results.json").write_text(json.dumps(rounded(results), indent=1))
+    write_table(seeds, mean_rows, mean_orderings, command, out / "table.md")
+    write_figure(figure_rows, seeds[0][1], out / "figure.png", loss_bin, len(seeds))
+    return complete

@@ -37,6 +37,9 @@ def machine_info() -> dict[str, Any]:
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # a busy shared machine makes timings noisy
     except OSError:
         pass
+    from benchmarks import OMP_POLICY
+
+    info["omp_wait_policy"] = OMP_POLICY
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -155,6 +155,9 @@ def write_figure(rows: list[dict], path: Path) -> None:
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.axhline(FAILS_AT, color="red", linestyle=":", linewidth=1, label=f"fails ({FAILS_AT})")
         ax.set_xscale("log")
+        shown = [p["ratio"] for r in rows if r["task"] == task for p in r["points"] if p["ratio"] and p["ratio"] > 0]
+        if shown and max(shown) > 10 * min(shown):  # one run far past the others would flatten them on a linear axis
+            ax.set_yscale("log")
         ax.set_xlabel("training tokens per parameter")
         ax.set_ylabel("failure ratio: loss at 8T-16T / loss at [T/2, T)")
         ax.set_title(task)

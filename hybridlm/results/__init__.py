@@ -3,7 +3,7 @@ hybridlm.runner.run_job, and its composed config in .hydra/), for the summary of
 tables and figures of `make repro-*`:
 
     python -m hybridlm.results lengthgen outputs/lengthgen --out results/lengthgen
-    python -m hybridlm.results sespan outputs/sespan --out results/sespan
+    python -m hybridlm.results sespan outputs/sespan/seed0 [outputs/sespan/seed1 ...] --out results/sespan
 """
 from __future__ import annotations
 

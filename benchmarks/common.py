@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -86,10 +86,12 @@ def median(xs: Sequence[float]) -> float:
     return statistics.median(xs)
 
 
-def run_child(module: str, args: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+def run_child(module: str, args: dict[str, Any], timeout: float = 900,
+              env: dict[str, Optional[str]] | None = None) -> dict[str, Any]:
     """Run `python -m module '<json args>'` in a fresh process (own peak RSS, own allocator); its last stdout
-    line is a JSON object."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(ROOT))
+    line is a JSON object. env: variables to set on top of this process's (None: remove it)."""
+    env = {k: v for k, v in {**os.environ, "OMP_NUM_THREADS": str(THREADS), "PYTHONPATH": str(ROOT),
+                             **(env or {})}.items() if v is not None}
     proc = subprocess.run([sys.executable, "-m", module, json.dumps(args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     if proc.returncode != 0:

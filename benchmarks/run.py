@@ -7,7 +7,8 @@ machine: cpu model, cores, torch version, load average) to benchmarks/results.js
 
 Sections: peak (matmul peak), train (hybridlm vs transformers training step), modes (eager/compiled x fp32/bf16
 training steps, benchmarks/train_modes.py), ops (op times at the training config), scaling (op time vs length,
-FLOP fraction and exponent), streaming (memory of a 1M-token stream).
+FLOP fraction and exponent), streaming (memory of a 1M-token stream), omp (OpenMP's wait policy against the ops,
+benchmarks/omp_policy.py).
 
 Timings on a shared machine are noisy: sections report medians, and the headline ratios (hybridlm vs
 transformers) are computed within each round before taking the median.
@@ -17,10 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks import flops, ops_bench, scaling, streaming, train_modes, train_step
+from benchmarks import flops, omp_policy, ops_bench, scaling, streaming, train_modes, train_step
 from benchmarks.common import machine_info, report, setup_threads
 
-SECTIONS = ("peak", "train", "modes", "ops", "scaling", "streaming")
+SECTIONS = ("peak", "train", "modes", "ops", "scaling", "streaming", "omp")
 
 
 def main() -> None:
@@ -51,6 +52,8 @@ def main() -> None:
         scaling.run(lengths=(1024, 4096, 16384) if args.quick else (1024, 2048, 4096, 8192, 16384, 32768, 65536))
     if "streaming" in args.sections:
         streaming.run(lengths=(16_384, 131_072) if args.quick else (16_384, 131_072, 1_048_576))
+    if "omp" in args.sections:
+        omp_policy.run(pairs=2 if args.quick else 4, length=4096 if args.quick else 16384)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,6 @@ def banded_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, g
             dv[:, :, k0: k0 + gv.shape[2]] += gv
 
 
-
 def merge_lse(out: Tensor, lse: Tensor, o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor, any2: Tensor) -> None:
     """Writes into out/lse the softmax over the keys of two flash calls on the same queries, from each call's
     output and logsumexp (o1/l1 may be out/lse themselves); rows where any2 is False have no key in the second
